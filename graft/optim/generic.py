@@ -1,0 +1,140 @@
+"""The black-box path: graft any two torch optimizers by stepping each and measuring.
+
+For each step: save the weights w, let M step and measure u_M = w' - w, restore w, let
+D step and measure u_D, then set w ← w + ‖u_M‖/(‖u_D‖ + eps) · u_D. Correct for any
+optimizer (it only sees what the optimizer did), at the price of a copy of the weights
+and two full optimizer steps; Graft uses it for optimizers that are not built-in rules,
+and the tests use it as the reference for the fused path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from graft.optim import spec as specs
+
+if TYPE_CHECKING:
+    from graft.optim.graft import Graft, StepNorms
+
+
+class BlackBox:
+    """Two whole optimizers (M and D) over a Graft's param groups, sharing its state.
+
+    Each inner optimizer keeps its per-tensor state in the Graft's own state dict
+    (``graft.state[p]["magnitude"]`` / ``["direction"]``), so state_dict and
+    load_state_dict of the Graft cover them.
+    """
+
+    def __init__(self, graft: Graft) -> None:
+        self.graft = graft
+        self.group_count = len(graft.param_groups)
+        self.magnitude = inner_optimizer(graft.param_groups, "magnitude")
+        has_direction = graft.param_groups[0]["direction"] is not None
+        self.direction = inner_optimizer(graft.param_groups, "direction") if has_direction else None
+
+    def matches(self, graft: Graft) -> bool:
+        return graft is self.graft and len(graft.param_groups) == self.group_count
+
+    @torch.no_grad()
+    def step(self) -> StepNorms:
+        from graft.optim.graft import StepNorms
+
+        graft = self.graft
+        grafting = graft.grafting()
+        params, eps = [], []
+        for group, inner_group in zip(graft.param_groups, self.magnitude.optimizer.param_groups):
+            inner_group["lr"] = group["lr"]  # M's lr follows the Graft's (and its scheduler)
+            for param in group["params"]:
+                if param.grad is not None:
+                    params.append(param)
+                    eps.append(group["eps"])
+        self.magnitude.link(graft.state, "magnitude")
+        if grafting:
+            self.direction.link(graft.state, "direction")
+
+        start = [param.detach().clone() for param in params]
+        self.magnitude.optimizer.step()
+        magnitude = measured_norms(params, start)
+        if not grafting:
+            return StepNorms(params, magnitude, magnitude)
+
+        for param, weight in zip(params, start):
+            param.copy_(weight)
+        self.direction.optimizer.step()
+        direction = measured_norms(params, start)
+
+        eps_vector = torch.tensor(eps, dtype=magnitude.dtype, device=magnitude.device)
+        if graft.granularity == "tensor":
+            scales = magnitude / (direction + eps_vector)
+        else:
+            total_m = torch.linalg.vector_norm(magnitude)
+            scales = total_m / (torch.linalg.vector_norm(direction) + eps_vector)
+        for param, weight, scale in zip(params, start, scales.unbind()):
+            param.sub_(weight).mul_(scale).add_(weight)  # w + s·u_D, with u_D = w' - w
+        return StepNorms(params, magnitude, direction)
+
+
+class InnerOptimizer:
+    """A whole optimizer over the Graft's params, and where its per-tensor state lives.
+
+    optimizer: a torch.optim class where one computes the spec exactly, else a plain
+        (direction-less) fused Graft of the built-in rule.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, nested: bool) -> None:
+        self.optimizer = optimizer
+        self.nested = nested  # an inner Graft keeps its rule's state under "magnitude"
+
+    def link(self, graft_state: dict[Tensor, dict[str, Any]], role: str) -> None:
+        """Point the inner optimizer's per-tensor state at the Graft's, for every tensor."""
+        inner_state = self.optimizer.state
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                slot = graft_state[param]
+                if self.nested:
+                    inner_state[param]["magnitude"] = slot.setdefault(role, {})
+                    continue
+                # Optimizers that create state eagerly (Adagrad) hand it over at first link.
+                if role not in slot:
+                    slot[role] = inner_state.get(param, {})
+                inner_state[param] = slot[role]
+
+
+def inner_optimizer(graft_groups: list[dict[str, Any]], role: str) -> InnerOptimizer:
+    from graft.optim.graft import Graft
+
+    first = graft_groups[0][role]
+    rule = specs.rule_of(first)
+    cls = specs.optimizer_class(first["name"], role) if rule is None else None
+    if rule is not None:
+        cls = rule.reference_class({k: v for k, v in first.items() if k != "name"})
+
+    groups = []
+    for group in graft_groups:
+        hyper = {k: v for k, v in group[role].items() if k != "name"}
+        if role == "magnitude":
+            hyper["lr"] = group["lr"]
+        groups.append({"params": group["params"], **hyper})
+
+    if cls is None:  # a built-in rule torch.optim lacks: a plain Graft of that rule
+        inner = Graft(groups, magnitude={"name": first["name"], "lr": groups[0]["lr"]})
+        return InnerOptimizer(inner, nested=True)
+    accepted = specs.class_keywords(cls)
+    if accepted is not None:
+        groups = [
+            {k: v for k, v in group.items() if k == "params" or k in accepted} for group in groups
+        ]
+    first_group = {k: v for k, v in groups[0].items() if k != "params"}
+    return InnerOptimizer(cls(groups, **first_group), nested=False)
+
+
+def measured_norms(params: list[Tensor], start: list[Tensor]) -> Tensor:
+    """‖w' - w‖ per tensor (in at least fp32): the step each tensor just took."""
+    if not params:
+        return torch.zeros(0)
+    dtype = torch.promote_types(params[0].dtype, torch.float32)
+    steps = [param.to(dtype) - weight.to(dtype) for param, weight in zip(params, start)]
+    return torch.stack([torch.linalg.vector_norm(step) for step in steps])

@@ -1,0 +1,102 @@
+"""AdaGrad as torch.optim.Adagrad, plus heavy-ball momentum on the preconditioned step."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from graft.optim.rules.base import (
+    Hyper,
+    Rule,
+    check_range,
+    effective_grads,
+    new_step_count,
+    non_negative,
+    positive,
+    step_counts,
+)
+from graft.optim.update import Update
+
+
+class Adagrad(Rule):
+    """g' = g + wd·w;  s ← s + g'²;  lrₜ = lr / (1 + (t-1)·lr_decay);
+    d = g' / (√s + eps);  u = -lrₜ·d, or with momentum μ > 0: b ← μ·b + d, u = -lrₜ·b.
+
+    momentum (not in torch.optim.Adagrad, default 0 = torch's rule exactly) is there
+    because the grafting paper runs AdaGrad with momentum 0.9.
+    """
+
+    name = "adagrad"
+    defaults = {
+        "lr": 1e-2,
+        "lr_decay": 0.0,
+        "weight_decay": 0.0,
+        "initial_accumulator_value": 0.0,
+        "eps": 1e-10,
+        "maximize": False,
+        "momentum": 0.0,
+    }
+    torch_class = torch.optim.Adagrad
+
+    @classmethod
+    def check(cls, hyper: Hyper, where: str) -> None:
+        super().check(hyper, where)
+        check_range(cls.name, where, "lr_decay", hyper["lr_decay"], non_negative, ">= 0")
+        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
+        check_range(
+            cls.name,
+            where,
+            "initial_accumulator_value",
+            hyper["initial_accumulator_value"],
+            non_negative,
+            ">= 0",
+        )
+        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
+        check_range(cls.name, where, "momentum", hyper["momentum"], non_negative, ">= 0")
+
+    @classmethod
+    def reference_class(cls, hyper: Hyper) -> type[torch.optim.Optimizer] | None:
+        return cls.torch_class if hyper["momentum"] == 0 else None
+
+    @classmethod
+    def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
+        state = {
+            "step": new_step_count(),
+            "sum": torch.full_like(
+                param, hyper["initial_accumulator_value"], memory_format=torch.preserve_format
+            ),
+        }
+        if hyper["momentum"] != 0:
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @classmethod
+    def step(
+        cls,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hyper: Hyper,
+        advance: bool,
+    ) -> Update:
+        momentum = hyper["momentum"]
+        steps = step_counts(states, advance)
+        coeffs = [-hyper["lr"] / (1 + (step - 1) * hyper["lr_decay"]) for step in steps]
+        if momentum != 0 and not advance:
+            return Update([state["momentum_buffer"] for state in states], coeffs, owned=False)
+
+        grads, _ = effective_grads(params, grads, hyper["weight_decay"], hyper["maximize"])
+        sums = [state["sum"] for state in states]
+        if advance:
+            torch._foreach_addcmul_(sums, grads, grads, 1.0)
+        denominators = torch._foreach_sqrt(sums)
+        torch._foreach_add_(denominators, hyper["eps"])
+        directions = torch._foreach_div(grads, denominators)
+        del denominators, grads
+        if momentum == 0:
+            return Update(directions, coeffs)
+
+        buffers = [state["momentum_buffer"] for state in states]
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, directions)
+        return Update(buffers, coeffs, owned=False)

@@ -1,0 +1,126 @@
+"""Adam and AdamW (bias-corrected moments; L2 or decoupled weight decay), as torch.optim."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from graft.optim.rules.base import (
+    Hyper,
+    Rule,
+    check_betas,
+    check_range,
+    effective_grads,
+    new_step_count,
+    non_negative,
+    positive,
+    step_counts,
+)
+from graft.optim.update import Update
+
+
+class Adam(Rule):
+    """g' = g + wd·w (L2; AdamW instead decays the weight directly);
+    m ← β₁·m + (1-β₁)·g';  v ← β₂·v + (1-β₂)·g'²  (v̂ = running max of v with amsgrad);
+    u = -lr/(1-β₁ᵗ) · m / (√v / √(1-β₂ᵗ) + eps)   [AdamW: - lr·wd·w].
+
+    Computed as -lr·√(1-β₂ᵗ)/(1-β₁ᵗ) · m / (√v + eps·√(1-β₂ᵗ)): the same value with one
+    pass over memory fewer; it matches torch.optim to fp32 rounding.
+    """
+
+    name = "adam"
+    defaults = {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        "maximize": False,
+        "decoupled_weight_decay": False,
+    }
+    torch_class = torch.optim.Adam
+
+    @classmethod
+    def check(cls, hyper: Hyper, where: str) -> None:
+        super().check(hyper, where)
+        check_betas(cls.name, where, hyper["betas"])
+        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
+        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
+
+    @classmethod
+    def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
+        state = {
+            "step": new_step_count(),
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+        }
+        if hyper["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @classmethod
+    def decoupled(cls, hyper: Hyper) -> bool:
+        return hyper["decoupled_weight_decay"]
+
+    @classmethod
+    def step(
+        cls,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hyper: Hyper,
+        advance: bool,
+    ) -> Update:
+        lr, eps, weight_decay = hyper["lr"], hyper["eps"], hyper["weight_decay"]
+        beta1, beta2 = hyper["betas"]
+        decoupled = cls.decoupled(hyper)
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        steps = step_counts(states, advance)
+
+        if advance:
+            grads, _ = effective_grads(
+                params, grads, 0.0 if decoupled else weight_decay, hyper["maximize"]
+            )
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            del grads
+            if hyper["amsgrad"]:
+                torch._foreach_maximum_([state["max_exp_avg_sq"] for state in states], exp_avg_sqs)
+
+        if hyper["amsgrad"]:
+            exp_avg_sqs = [state["max_exp_avg_sq"] for state in states]
+        correction2 = [math.sqrt(1 - beta2**step) for step in steps]
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, [eps * c for c in correction2])
+        directions = torch._foreach_div(exp_avgs, denominators)
+        del denominators
+        coeffs = [-lr * c2 / (1 - beta1**step) for c2, step in zip(correction2, steps)]
+
+        if decoupled and weight_decay != 0:
+            torch._foreach_mul_(directions, coeffs)
+            torch._foreach_add_(directions, params, alpha=-lr * weight_decay)
+            return Update(directions, 1.0)
+        return Update(directions, coeffs)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: u = Adam's step - lr·wd·w (torch.optim.AdamW)."""
+
+    name = "adamw"
+    defaults = {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 1e-2,
+        "amsgrad": False,
+        "maximize": False,
+    }
+    torch_class = torch.optim.AdamW
+
+    @classmethod
+    def decoupled(cls, hyper: Hyper) -> bool:
+        return True

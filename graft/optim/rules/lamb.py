@@ -1,0 +1,95 @@
+"""LAMB: layer-wise adaptive moments (You et al. 2019, arXiv 1904.00962, Algorithm 2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from graft.optim.rules.base import (
+    Hyper,
+    Rule,
+    check_betas,
+    check_range,
+    new_step_count,
+    non_negative,
+    positive,
+    step_counts,
+    trust_ratios,
+)
+from graft.optim.update import Update, norms
+
+
+class LAMB(Rule):
+    """Per tensor w with gradient g at step t (You et al. 2019, Algorithm 2):
+
+        m ← β₁·m + (1-β₁)·g;   v ← β₂·v + (1-β₂)·g²
+        r  = (m / (1-β₁ᵗ)) / (√(v / (1-β₂ᵗ)) + eps) + wd·w
+        u  = -lr · ‖w‖/‖r‖ · r
+
+    The trust ratio ‖w‖/‖r‖ is 1 where either norm is 0 and, with `skip_1d` (the
+    default), for tensors of at most one dimension (biases, norm scales).
+    """
+
+    name = "lamb"
+    defaults = {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-6,
+        "weight_decay": 0.0,
+        "skip_1d": True,
+    }
+
+    @classmethod
+    def check(cls, hyper: Hyper, where: str) -> None:
+        super().check(hyper, where)
+        check_betas(cls.name, where, hyper["betas"])
+        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
+        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
+
+    @classmethod
+    def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
+        return {
+            "step": new_step_count(),
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+        }
+
+    @classmethod
+    def step(
+        cls,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hyper: Hyper,
+        advance: bool,
+    ) -> Update:
+        lr, eps, weight_decay = hyper["lr"], hyper["eps"], hyper["weight_decay"]
+        beta1, beta2 = hyper["betas"]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        steps = step_counts(states, advance)
+        if advance:
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+        correction2 = [math.sqrt(1 - beta2**step) for step in steps]
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, [eps * c for c in correction2])
+        ratios = torch._foreach_div(exp_avgs, denominators)
+        del denominators
+        torch._foreach_mul_(ratios, [c2 / (1 - beta1**t) for c2, t in zip(correction2, steps)])
+        if weight_decay != 0:
+            torch._foreach_add_(ratios, params, alpha=weight_decay)
+
+        weight_norms = norms(params)
+        ratio_norms = norms(ratios)
+        trust = trust_ratios(
+            weight_norms / ratio_norms,
+            (weight_norms > 0) & (ratio_norms > 0),
+            params,
+            hyper["skip_1d"],
+        )
+        return Update(ratios, torch._foreach_mul(trust, -lr))

@@ -1,0 +1,88 @@
+"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017, Algorithm 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from graft.optim.rules.base import (
+    Hyper,
+    Rule,
+    check_range,
+    effective_grads,
+    non_negative,
+    positive,
+    trust_ratios,
+)
+from graft.optim.update import Update, norms
+
+
+class LARS(Rule):
+    """Per tensor w with gradient g (You et al. 2017, arXiv 1708.03888, Algorithm 1):
+
+        λ  = η · ‖w‖ / (‖g‖ + wd·‖w‖ + eps)      local (trust) learning rate
+        b ← μ·b + lr·λ·(g + wd·w)                 momentum on the scaled step
+        u  = -b                                   (without momentum: u = -lr·λ·(g + wd·w))
+
+    η is `trust_coefficient`. λ = 1 where ‖w‖ or ‖g‖ is 0, and, with `skip_1d` (the
+    default), for tensors of at most one dimension (biases, norm scales), which then
+    take plain momentum SGD steps.
+    """
+
+    name = "lars"
+    defaults = {
+        "lr": 1.0,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "trust_coefficient": 1e-3,
+        "eps": 1e-8,
+        "skip_1d": True,
+    }
+
+    @classmethod
+    def check(cls, hyper: Hyper, where: str) -> None:
+        super().check(hyper, where)
+        check_range(cls.name, where, "momentum", hyper["momentum"], non_negative, ">= 0")
+        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
+        check_range(
+            cls.name, where, "trust_coefficient", hyper["trust_coefficient"], positive, "> 0"
+        )
+        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
+
+    @classmethod
+    def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
+        if hyper["momentum"] == 0:
+            return {}
+        return {"momentum_buffer": torch.zeros_like(param, memory_format=torch.preserve_format)}
+
+    @classmethod
+    def step(
+        cls,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hyper: Hyper,
+        advance: bool,
+    ) -> Update:
+        lr, momentum, weight_decay = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        if momentum != 0 and not advance:
+            return Update([state["momentum_buffer"] for state in states], -1.0, owned=False)
+
+        weight_norms = norms(params)
+        grad_norms = norms(grads)
+        trust = trust_ratios(
+            hyper["trust_coefficient"]
+            * weight_norms
+            / (grad_norms + weight_decay * weight_norms + hyper["eps"]),
+            (weight_norms > 0) & (grad_norms > 0),
+            params,
+            hyper["skip_1d"],
+        )
+        grads, _ = effective_grads(params, grads, weight_decay, maximize=False)
+        if momentum == 0:
+            return Update(grads, torch._foreach_mul(trust, -lr))
+
+        buffers = [state["momentum_buffer"] for state in states]
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_addcmul_(buffers, grads, torch._foreach_mul(trust, lr))
+        return Update(buffers, -1.0, owned=False)

@@ -1,0 +1,92 @@
+"""RMSprop (optionally centered, with momentum), as torch.optim.RMSprop."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from graft.optim.rules.base import (
+    Hyper,
+    Rule,
+    check_range,
+    effective_grads,
+    new_step_count,
+    non_negative,
+    positive,
+    step_counts,
+)
+from graft.optim.update import Update
+
+
+class RMSprop(Rule):
+    """g' = g + wd·w;  s ← α·s + (1-α)·g'²;  centered: a ← α·a + (1-α)·g', s̃ = s - a²;
+    d = g' / (√s̃ + eps);  u = -lr·d, or with momentum μ > 0: b ← μ·b + d, u = -lr·b."""
+
+    name = "rmsprop"
+    defaults = {
+        "lr": 1e-2,
+        "alpha": 0.99,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "momentum": 0.0,
+        "centered": False,
+        "maximize": False,
+    }
+    torch_class = torch.optim.RMSprop
+
+    @classmethod
+    def check(cls, hyper: Hyper, where: str) -> None:
+        super().check(hyper, where)
+        check_range(cls.name, where, "alpha", hyper["alpha"], lambda a: 0 <= a <= 1, "[0, 1]")
+        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
+        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
+        check_range(cls.name, where, "momentum", hyper["momentum"], non_negative, ">= 0")
+
+    @classmethod
+    def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
+        state = {
+            "step": new_step_count(),
+            "square_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+        }
+        if hyper["momentum"] > 0:
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if hyper["centered"]:
+            state["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @classmethod
+    def step(
+        cls,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hyper: Hyper,
+        advance: bool,
+    ) -> Update:
+        lr, alpha, momentum = hyper["lr"], hyper["alpha"], hyper["momentum"]
+        step_counts(states, advance)
+        if momentum > 0 and not advance:
+            return Update([state["momentum_buffer"] for state in states], -lr, owned=False)
+
+        grads, _ = effective_grads(params, grads, hyper["weight_decay"], hyper["maximize"])
+        square_avgs = [state["square_avg"] for state in states]
+        if advance:
+            torch._foreach_mul_(square_avgs, alpha)
+            torch._foreach_addcmul_(square_avgs, grads, grads, 1 - alpha)
+        if hyper["centered"]:
+            grad_avgs = [state["grad_avg"] for state in states]
+            if advance:
+                torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
+            denominators = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, -1)
+            torch._foreach_sqrt_(denominators)
+        else:
+            denominators = torch._foreach_sqrt(square_avgs)
+        torch._foreach_add_(denominators, hyper["eps"])
+
+        if momentum == 0:
+            directions = torch._foreach_div(grads, denominators)
+            return Update(directions, -lr)
+        buffers = [state["momentum_buffer"] for state in states]
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_addcdiv_(buffers, grads, denominators)
+        return Update(buffers, -lr, owned=False)

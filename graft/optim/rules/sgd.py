@@ -1,0 +1,80 @@
+"""SGD with momentum, dampening, Nesterov and L2 weight decay, as torch.optim.SGD."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from graft.optim.rules.base import (
+    Hyper,
+    Rule,
+    check_range,
+    effective_grads,
+    non_negative,
+)
+from graft.optim.update import Update
+
+
+class SGD(Rule):
+    """g' = g + wd·w;  b ← μ·b + (1 - dampening)·g'  (b = g' at the first step);
+    u = -lr·(g' + μ·b) with Nesterov, else -lr·b (or -lr·g' without momentum)."""
+
+    name = "sgd"
+    defaults = {
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+        "maximize": False,
+    }
+    torch_class = torch.optim.SGD
+
+    @classmethod
+    def check(cls, hyper: Hyper, where: str) -> None:
+        super().check(hyper, where)
+        check_range(cls.name, where, "momentum", hyper["momentum"], non_negative, "momentum >= 0")
+        check_range(
+            cls.name, where, "dampening", hyper["dampening"], lambda d: 0 <= d <= 1, "[0, 1]"
+        )
+        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
+        if hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
+            raise ValueError(
+                f"invalid nesterov=True for 'sgd' in {where} with momentum="
+                f"{hyper['momentum']!r}, dampening={hyper['dampening']!r}; "
+                "allowed: nesterov needs momentum > 0 and dampening = 0"
+            )
+
+    @classmethod
+    def step(
+        cls,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        hyper: Hyper,
+        advance: bool,
+    ) -> Update:
+        lr, momentum = hyper["lr"], hyper["momentum"]
+        grads, owned = effective_grads(params, grads, hyper["weight_decay"], hyper["maximize"])
+        if momentum == 0:
+            return Update(grads, -lr, owned)
+
+        if advance:
+            fresh = [i for i, state in enumerate(states) if "momentum_buffer" not in state]
+            moving = [i for i, state in enumerate(states) if "momentum_buffer" in state]
+            if moving:
+                buffers = [states[i]["momentum_buffer"] for i in moving]
+                torch._foreach_mul_(buffers, momentum)
+                torch._foreach_add_(
+                    buffers, [grads[i] for i in moving], alpha=1 - hyper["dampening"]
+                )
+            for i in fresh:  # torch.optim.SGD starts the buffer at g', undamped
+                states[i]["momentum_buffer"] = grads[i].detach().clone()
+
+        buffers = [state["momentum_buffer"] for state in states]
+        if not hyper["nesterov"]:
+            return Update(buffers, -lr, owned=False)
+        if owned:
+            torch._foreach_add_(grads, buffers, alpha=momentum)
+            return Update(grads, -lr)
+        return Update(torch._foreach_add(grads, buffers, alpha=momentum), -lr)

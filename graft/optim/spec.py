@@ -1,0 +1,104 @@
+"""Optimizer specs: ``{"name": ..., **keywords}`` → a checked, fully filled-in dict.
+
+A spec names a built-in rule ("adam") or any torch optimizer class, by dotted path
+("torch.optim.NAdam") or as the class itself. Built-in specs get every keyword filled
+with its default, so a param group records exactly what ran.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from graft.optim.rules import RULES, Rule
+
+OptimizerClass = type[torch.optim.Optimizer]
+
+ALLOWED_NAMES = ", ".join(RULES) + ", or a dotted path to a torch optimizer class"
+
+
+def rule_of(spec: Mapping[str, Any]) -> type[Rule] | None:
+    """The built-in rule a normalized spec names, or None for a torch optimizer class."""
+    name = spec["name"]
+    return RULES.get(name) if isinstance(name, str) else None
+
+
+def optimizer_class(name: str | OptimizerClass, where: str) -> OptimizerClass:
+    """Import a torch optimizer class from its dotted path (or pass a class through)."""
+    if inspect.isclass(name):
+        if issubclass(name, torch.optim.Optimizer):
+            return name
+        raise ValueError(
+            f"{where} name {name!r} is not a torch.optim.Optimizer subclass; "
+            f"allowed: {ALLOWED_NAMES}"
+        )
+    module_name, _, attribute = str(name).rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute) if module_name else None
+    except (ImportError, AttributeError):
+        found = None
+    if not (inspect.isclass(found) and issubclass(found, torch.optim.Optimizer)):
+        raise ValueError(f"unknown optimizer name {name!r} in {where}; allowed: {ALLOWED_NAMES}")
+    return found
+
+
+def keywords(spec: Mapping[str, Any]) -> set[str] | None:
+    """Keywords the spec's optimizer accepts (None: any, the class takes **kwargs)."""
+    rule = rule_of(spec)
+    if rule is not None:
+        return set(rule.defaults)
+    return class_keywords(optimizer_class(spec["name"], "spec"))
+
+
+def class_keywords(cls: OptimizerClass) -> set[str] | None:
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.name != "params"}
+
+
+def normalize(spec: Any, where: str) -> dict[str, Any]:
+    """Check a spec and return it with every default filled in (built-in rules).
+
+    Raises ValueError with a one-line message naming the bad value and what is allowed.
+    """
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(
+            f"{where} spec {spec!r} is not a dict with a 'name'; allowed: "
+            '{"name": "adam", "lr": 1e-3, ...} with name one of ' + ALLOWED_NAMES
+        )
+    name, given = spec["name"], {k: v for k, v in spec.items() if k != "name"}
+    rule = RULES.get(name) if isinstance(name, str) else None
+    if rule is not None:
+        reject_unknown(given, set(rule.defaults), name, where)
+        hyper = {**rule.defaults, **given}
+        if "betas" in hyper:
+            hyper["betas"] = tuple(hyper["betas"])
+        rule.check(hyper, where)
+        return {"name": name, **hyper}
+
+    cls = optimizer_class(name, where)
+    allowed = class_keywords(cls)
+    if allowed is not None:
+        reject_unknown(given, allowed, getattr(cls, "__name__", str(name)), where)
+    if "lr" not in given:
+        default = inspect.signature(cls.__init__).parameters.get("lr")
+        if default is None or default.default is inspect.Parameter.empty:
+            raise ValueError(f"{where} spec for {name!r} has no 'lr'; allowed: a float lr >= 0")
+        given["lr"] = default.default
+    if not isinstance(given["lr"], float | int) or given["lr"] < 0:
+        raise ValueError(f"invalid lr={given['lr']!r} for {name!r} in {where}; allowed: lr >= 0")
+    return {"name": name, **given}
+
+
+def reject_unknown(given: Mapping[str, Any], allowed: set[str], name: str, where: str) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown keyword {unknown[0]!r} for '{name}' in {where}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )

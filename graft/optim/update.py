@@ -1,0 +1,80 @@
+"""The step a rule proposes, kept factored as coefficient × tensor.
+
+A rule returns `Update(tensors, coeffs)`: per tensor i, the step it would add to the
+weight is ``coeffs[i] * tensors[i]``. Keeping the coefficient apart lets a rule hand
+back its state (SGD's momentum buffer) without copying it, and lets Graft fold its
+scale into the coefficient, so applying a grafted step is one pass over memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Coeffs = float | list[float] | list[Tensor]
+
+
+@dataclass
+class Update:
+    """Per tensor i, the step ``coeffs[i] * tensors[i]`` (added to the weight).
+
+    tensors: one per parameter, same shape and dtype as the parameter.
+    coeffs: one python float for all, a float per tensor, or a 0-d fp32 tensor per
+        tensor (when the coefficient is itself computed on the device, e.g. a trust ratio).
+    owned: the tensors are temporaries of this step, free to overwrite; when False they
+        alias optimizer state or gradients and must only be read.
+    """
+
+    tensors: list[Tensor]
+    coeffs: Coeffs
+    owned: bool = True
+
+
+def norms(tensors: list[Tensor]) -> Tensor:
+    """‖t‖₂ per tensor, accumulated in at least fp32 (fp64 stays fp64), as one vector."""
+    return torch.stack(_norm_list(tensors))
+
+
+def _norm_list(tensors: list[Tensor]) -> list[Tensor]:
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return torch._foreach_norm(tensors, 2, dtype=dtype)
+
+
+def update_norms(update: Update) -> Tensor:
+    """‖coeffs[i] * tensors[i]‖₂ per tensor, as one vector on the tensors' device.
+
+    Accumulated in fp32 for 16-bit tensors (fp64 stays fp64); nothing is synchronised.
+    """
+    norms = _norm_list(update.tensors)
+    coeffs = update.coeffs
+    if isinstance(coeffs, float | int):
+        torch._foreach_mul_(norms, abs(coeffs))
+    elif coeffs and isinstance(coeffs[0], Tensor):
+        torch._foreach_mul_(norms, torch._foreach_abs(coeffs))
+    else:
+        torch._foreach_mul_(norms, [abs(c) for c in coeffs])
+    return torch.stack(norms)
+
+
+def apply_update(params: list[Tensor], update: Update, scales: list[Tensor] | None = None) -> None:
+    """params[i] += scales[i] * coeffs[i] * tensors[i], in place, one pass per tensor.
+
+    scales: 0-d fp32 tensors (Graft's ‖u_M‖ / ‖u_D‖ ratios), or None for the bare update.
+    """
+    coeffs = update.coeffs
+    if scales is None:
+        if isinstance(coeffs, float | int):
+            torch._foreach_add_(params, update.tensors, alpha=coeffs)
+            return
+        if isinstance(coeffs[0], Tensor):
+            torch._foreach_addcmul_(params, update.tensors, coeffs)
+            return
+        factors = coeffs
+        for param, tensor, factor in zip(params, update.tensors, factors, strict=True):
+            param.add_(tensor, alpha=factor)
+        return
+    # Fold the rule's coefficient into Graft's scale: tiny 0-d ops, then one addcmul pass.
+    factors = torch._foreach_mul(scales, coeffs)
+    torch._foreach_addcmul_(params, update.tensors, factors)
