@@ -2,5 +2,6 @@
 
 from graft.optim.graft import GRANULARITIES, Graft, StepNorms
 from graft.optim.rules import RULES
+from graft.optim.state_bytes import state_bytes
 
-__all__ = ["GRANULARITIES", "RULES", "Graft", "StepNorms"]
+__all__ = ["GRANULARITIES", "RULES", "Graft", "StepNorms", "state_bytes"]

@@ -34,9 +34,9 @@ GROUP_KEYS = ("params", "param_names", "lr", "magnitude", "direction", "eps", "g
 
 @dataclass
 class StepNorms:
-    """‖u_M‖ and ‖u_D‖ per tensor at the last step: fp32 vectors on the parameters'
-    device, aligned with `params` (the tensors that had a gradient). Without grafting
-    (no direction, or M#M) `direction` is `magnitude`."""
+    """‖u_M‖ and ‖u_D‖ per tensor at the last step: vectors (fp32, or fp64 for fp64
+    parameters) on the parameters' device, aligned with `params` (the tensors that had
+    a gradient). Without grafting (no direction, or M#M) `direction` is `magnitude`."""
 
     params: list[Tensor]
     magnitude: Tensor
@@ -55,6 +55,7 @@ class Graft(torch.optim.Optimizer):
             sgd, adam, adamw, adagrad, rmsprop, lars, lamb (torch.optim's keywords and
             defaults); any other torch optimizer by dotted path or class.
         direction: D's spec, or None for plain M. D's lr cancels in the normalisation.
+            A direction identical to the magnitude (lr included) is plain M.
         granularity: "tensor" (one ratio per tensor) or "global" (one over all tensors).
         eps: added to ‖u_D‖, so u_D = 0 gives a zero step.
         generic: force the black-box path (step each optimizer, measure, restore), which
@@ -81,6 +82,8 @@ class Graft(torch.optim.Optimizer):
         check_eps(eps, "Graft")
         magnitude = specs.normalize(magnitude, "magnitude")
         direction = None if direction is None else specs.normalize(direction, "direction")
+        if direction == magnitude:
+            direction = None  # M#M is M: one state, one step, bit for bit
         lr = magnitude.pop("lr")
         builtin = specs.rule_of(magnitude) is not None and (
             direction is None or specs.rule_of(direction) is not None
@@ -149,15 +152,8 @@ class Graft(torch.optim.Optimizer):
         super().add_param_group(group)
 
     def grafting(self) -> bool:
-        """Whether D differs from M anywhere: M#M (up to D's lr) and no D are plain M."""
-        for group in self.param_groups:
-            direction = group["direction"]
-            if direction is not None and {**direction, "lr": None} != {
-                **group["magnitude"],
-                "lr": None,
-            }:
-                return True
-        return False
+        """Whether a direction is grafted on (False: plain M, including M#M)."""
+        return self.defaults["direction"] is not None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
