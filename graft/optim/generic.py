@@ -136,5 +136,7 @@ def measured_norms(params: list[Tensor], start: list[Tensor]) -> Tensor:
     if not params:
         return torch.zeros(0)
     dtype = torch.promote_types(params[0].dtype, torch.float32)
-    steps = [param.to(dtype) - weight.to(dtype) for param, weight in zip(params, start)]
-    return torch.stack([torch.linalg.vector_norm(step) for step in steps])
+    # One tensor at a time: a list of all differences would be a second copy of the model.
+    return torch.stack(
+        [torch.linalg.vector_norm(p.to(dtype) - w.to(dtype)) for p, w in zip(params, start)]
+    )

@@ -91,12 +91,10 @@ class Adagrad(Rule):
             torch._foreach_addcmul_(sums, grads, grads, 1.0)
         denominators = torch._foreach_sqrt(sums)
         torch._foreach_add_(denominators, hyper["eps"])
-        directions = torch._foreach_div(grads, denominators)
-        del denominators, grads
         if momentum == 0:
-            return Update(directions, coeffs)
+            return Update(torch._foreach_div(grads, denominators), coeffs)
 
         buffers = [state["momentum_buffer"] for state in states]
         torch._foreach_mul_(buffers, momentum)
-        torch._foreach_add_(buffers, directions)
+        torch._foreach_addcdiv_(buffers, grads, denominators)
         return Update(buffers, coeffs, owned=False)
