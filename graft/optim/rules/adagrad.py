@@ -6,14 +6,14 @@ import torch
 from torch import Tensor
 
 from graft.optim.rules.base import (
+    NON_NEGATIVE,
+    POSITIVE,
     Hyper,
     Rule,
-    check_range,
     effective_grads,
     new_step_count,
-    non_negative,
-    positive,
     step_counts,
+    zeros,
 )
 from graft.optim.update import Update
 
@@ -36,23 +36,14 @@ class Adagrad(Rule):
         "maximize": False,
         "momentum": 0.0,
     }
+    constraints = {
+        "lr_decay": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "initial_accumulator_value": NON_NEGATIVE,
+        "eps": POSITIVE,
+        "momentum": NON_NEGATIVE,
+    }
     torch_class = torch.optim.Adagrad
-
-    @classmethod
-    def check(cls, hyper: Hyper, where: str) -> None:
-        super().check(hyper, where)
-        check_range(cls.name, where, "lr_decay", hyper["lr_decay"], non_negative, ">= 0")
-        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
-        check_range(
-            cls.name,
-            where,
-            "initial_accumulator_value",
-            hyper["initial_accumulator_value"],
-            non_negative,
-            ">= 0",
-        )
-        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
-        check_range(cls.name, where, "momentum", hyper["momentum"], non_negative, ">= 0")
 
     @classmethod
     def reference_class(cls, hyper: Hyper) -> type[torch.optim.Optimizer] | None:
@@ -67,7 +58,7 @@ class Adagrad(Rule):
             ),
         }
         if hyper["momentum"] != 0:
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = zeros(param)
         return state
 
     @classmethod

@@ -8,15 +8,15 @@ import torch
 from torch import Tensor
 
 from graft.optim.rules.base import (
+    BETAS,
+    NON_NEGATIVE,
+    POSITIVE,
     Hyper,
     Rule,
-    check_betas,
-    check_range,
     effective_grads,
     new_step_count,
-    non_negative,
-    positive,
     step_counts,
+    zeros,
 )
 from graft.optim.update import Update
 
@@ -40,24 +40,18 @@ class Adam(Rule):
         "maximize": False,
         "decoupled_weight_decay": False,
     }
+    constraints = {"betas": BETAS, "eps": POSITIVE, "weight_decay": NON_NEGATIVE}
     torch_class = torch.optim.Adam
-
-    @classmethod
-    def check(cls, hyper: Hyper, where: str) -> None:
-        super().check(hyper, where)
-        check_betas(cls.name, where, hyper["betas"])
-        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
-        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
 
     @classmethod
     def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
         state = {
             "step": new_step_count(),
-            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg": zeros(param),
+            "exp_avg_sq": zeros(param),
         }
         if hyper["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = zeros(param)
         return state
 
     @classmethod

@@ -9,6 +9,7 @@ measure both optimizers' steps at the same weights before anything moves.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -19,24 +20,52 @@ from graft.optim.update import Update
 Hyper = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """A hyperparameter's allowed values: a test, and how the error message says it."""
+
+    test: Callable[[Any], bool]
+    text: str
+
+
+NON_NEGATIVE = Allowed(lambda v: v >= 0, ">= 0")
+POSITIVE = Allowed(lambda v: v > 0, "> 0")
+UNIT_INTERVAL = Allowed(lambda v: 0 <= v <= 1, "in [0, 1]")
+BETAS = Allowed(
+    lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "= two values, each in [0, 1)"
+)
+
+
 class Rule:
     """Base class of the built-in rules; subclasses only define class methods.
 
     name: the spec name ("adam").
     defaults: every keyword the rule takes and its default, matching the torch.optim
         namesake where there is one.
+    constraints: allowed values of the keywords that have limits (lr >= 0 for all).
     torch_class: the torch.optim class with exactly this math, if any; the generic
         (black-box) path uses it as the reference implementation.
     """
 
     name: ClassVar[str]
     defaults: ClassVar[Hyper]
+    constraints: ClassVar[dict[str, Allowed]] = {}
     torch_class: ClassVar[type[torch.optim.Optimizer] | None] = None
 
     @classmethod
     def check(cls, hyper: Hyper, where: str) -> None:
         """Raise ValueError (one line: value, what is allowed) for a bad hyperparameter."""
-        check_range(cls.name, where, "lr", hyper["lr"], lambda v: v >= 0, "lr >= 0")
+        for key, allowed in {"lr": NON_NEGATIVE, **cls.constraints}.items():
+            value = hyper[key]
+            try:
+                good = bool(allowed.test(value))
+            except TypeError:
+                good = False
+            if not good:
+                raise ValueError(
+                    f"invalid {key}={value!r} for '{cls.name}' in {where}; "
+                    f"allowed: {key} {allowed.text}"
+                )
 
     @classmethod
     def reference_class(cls, hyper: Hyper) -> type[torch.optim.Optimizer] | None:
@@ -68,47 +97,17 @@ class Rule:
         raise NotImplementedError
 
 
-def check_range(
-    rule: str, where: str, key: str, value: Any, ok: Callable[[Any], bool], allowed: str
-) -> None:
-    """Raise ValueError naming the bad value when `ok(value)` is false."""
-    try:
-        good = bool(ok(value))
-    except TypeError:
-        good = False
-    if not good:
-        raise ValueError(f"invalid {key}={value!r} for '{rule}' in {where}; allowed: {allowed}")
-
-
-def check_betas(rule: str, where: str, betas: Any) -> None:
-    check_range(
-        rule,
-        where,
-        "betas",
-        betas,
-        lambda b: len(b) == 2 and all(0.0 <= x < 1.0 for x in b),
-        "two values, each in [0, 1)",
-    )
-
-
-def positive(value: Any) -> bool:
-    return value > 0
-
-
-def non_negative(value: Any) -> bool:
-    return value >= 0
-
-
-def in_unit_interval(value: Any) -> bool:
-    return 0 <= value < 1
-
-
 def step_counts(states: list[dict[str, Tensor]], advance: bool) -> list[float]:
     """Each tensor's step count (after incrementing it, when advancing)."""
     steps = [state["step"] for state in states]
     if advance:
         torch._foreach_add_(steps, 1)
     return [step.item() for step in steps]
+
+
+def zeros(param: Tensor) -> Tensor:
+    """A state tensor shaped, typed and laid out like its parameter, as torch.optim makes them."""
+    return torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def new_step_count() -> Tensor:

@@ -8,15 +8,15 @@ import torch
 from torch import Tensor
 
 from graft.optim.rules.base import (
+    BETAS,
+    NON_NEGATIVE,
+    POSITIVE,
     Hyper,
     Rule,
-    check_betas,
-    check_range,
     new_step_count,
-    non_negative,
-    positive,
     step_counts,
     trust_ratios,
+    zeros,
 )
 from graft.optim.update import Update, norms
 
@@ -40,20 +40,14 @@ class LAMB(Rule):
         "weight_decay": 0.0,
         "skip_1d": True,
     }
-
-    @classmethod
-    def check(cls, hyper: Hyper, where: str) -> None:
-        super().check(hyper, where)
-        check_betas(cls.name, where, hyper["betas"])
-        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
-        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
+    constraints = {"betas": BETAS, "eps": POSITIVE, "weight_decay": NON_NEGATIVE}
 
     @classmethod
     def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
         return {
             "step": new_step_count(),
-            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg": zeros(param),
+            "exp_avg_sq": zeros(param),
         }
 
     @classmethod

@@ -6,13 +6,13 @@ import torch
 from torch import Tensor
 
 from graft.optim.rules.base import (
+    NON_NEGATIVE,
+    POSITIVE,
     Hyper,
     Rule,
-    check_range,
     effective_grads,
-    non_negative,
-    positive,
     trust_ratios,
+    zeros,
 )
 from graft.optim.update import Update, norms
 
@@ -38,22 +38,18 @@ class LARS(Rule):
         "eps": 1e-8,
         "skip_1d": True,
     }
-
-    @classmethod
-    def check(cls, hyper: Hyper, where: str) -> None:
-        super().check(hyper, where)
-        check_range(cls.name, where, "momentum", hyper["momentum"], non_negative, ">= 0")
-        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
-        check_range(
-            cls.name, where, "trust_coefficient", hyper["trust_coefficient"], positive, "> 0"
-        )
-        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
+    constraints = {
+        "momentum": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "trust_coefficient": POSITIVE,
+        "eps": POSITIVE,
+    }
 
     @classmethod
     def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
         if hyper["momentum"] == 0:
             return {}
-        return {"momentum_buffer": torch.zeros_like(param, memory_format=torch.preserve_format)}
+        return {"momentum_buffer": zeros(param)}
 
     @classmethod
     def step(

@@ -6,14 +6,15 @@ import torch
 from torch import Tensor
 
 from graft.optim.rules.base import (
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT_INTERVAL,
     Hyper,
     Rule,
-    check_range,
     effective_grads,
     new_step_count,
-    non_negative,
-    positive,
     step_counts,
+    zeros,
 )
 from graft.optim.update import Update
 
@@ -32,26 +33,24 @@ class RMSprop(Rule):
         "centered": False,
         "maximize": False,
     }
+    constraints = {
+        "alpha": UNIT_INTERVAL,
+        "eps": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "momentum": NON_NEGATIVE,
+    }
     torch_class = torch.optim.RMSprop
-
-    @classmethod
-    def check(cls, hyper: Hyper, where: str) -> None:
-        super().check(hyper, where)
-        check_range(cls.name, where, "alpha", hyper["alpha"], lambda a: 0 <= a <= 1, "[0, 1]")
-        check_range(cls.name, where, "eps", hyper["eps"], positive, "eps > 0")
-        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
-        check_range(cls.name, where, "momentum", hyper["momentum"], non_negative, ">= 0")
 
     @classmethod
     def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
         state = {
             "step": new_step_count(),
-            "square_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "square_avg": zeros(param),
         }
         if hyper["momentum"] > 0:
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = zeros(param)
         if hyper["centered"]:
-            state["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["grad_avg"] = zeros(param)
         return state
 
     @classmethod

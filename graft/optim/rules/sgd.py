@@ -6,11 +6,11 @@ import torch
 from torch import Tensor
 
 from graft.optim.rules.base import (
+    NON_NEGATIVE,
+    UNIT_INTERVAL,
     Hyper,
     Rule,
-    check_range,
     effective_grads,
-    non_negative,
 )
 from graft.optim.update import Update
 
@@ -28,16 +28,16 @@ class SGD(Rule):
         "nesterov": False,
         "maximize": False,
     }
+    constraints = {
+        "momentum": NON_NEGATIVE,
+        "dampening": UNIT_INTERVAL,
+        "weight_decay": NON_NEGATIVE,
+    }
     torch_class = torch.optim.SGD
 
     @classmethod
     def check(cls, hyper: Hyper, where: str) -> None:
         super().check(hyper, where)
-        check_range(cls.name, where, "momentum", hyper["momentum"], non_negative, "momentum >= 0")
-        check_range(
-            cls.name, where, "dampening", hyper["dampening"], lambda d: 0 <= d <= 1, "[0, 1]"
-        )
-        check_range(cls.name, where, "weight_decay", hyper["weight_decay"], non_negative, ">= 0")
         if hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
             raise ValueError(
                 f"invalid nesterov=True for 'sgd' in {where} with momentum="
