@@ -1,0 +1,1 @@
+"""Training: the loop shared by every task, its schedules, checkpoints and logging."""

@@ -1,0 +1,96 @@
+"""Learning-rate schedules, per step, as multipliers of the optimizer's base lr.
+
+Each schedule is a `torch.optim.lr_scheduler.LambdaLR` over a pure function of the step,
+so it composes with any optimizer; on `graft.Graft` it scales M's lr, hence the grafted
+step. Every schedule may start with a linear warmup from 0 over `warmup_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+SCHEDULES = ("constant", "step_decay", "linear", "cosine", "polynomial")
+
+
+def lr_multiplier(
+    step: int,
+    *,
+    name: str,
+    max_steps: int,
+    warmup_steps: int = 0,
+    decay_rate: float = 0.1,
+    decay_every: int = 1,
+    final_ratio: float = 0.0,
+    power: float = 1.0,
+) -> float:
+    """The factor on the base lr at `step` (0-based: the step about to be taken).
+
+    constant:    1.
+    step_decay:  decay_rate ** ⌊(step - warmup) / decay_every⌋ (stepwise exponential decay).
+    linear:      from 1 down to final_ratio at max_steps.
+    cosine:      half a cosine from 1 down to final_ratio at max_steps.
+    polynomial:  final_ratio + (1 - final_ratio)·(1 - progress)^power.
+    During warmup every schedule is (step + 1) / warmup_steps instead.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "constant":
+        return 1.0
+    if name == "step_decay":
+        return decay_rate ** ((step - warmup_steps) // decay_every)
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if name == "linear":
+        return 1.0 - (1.0 - final_ratio) * progress
+    if name == "cosine":
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if name == "polynomial":
+        return final_ratio + (1.0 - final_ratio) * (1.0 - progress) ** power
+    raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, name: str, max_steps: int, **options: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler on `optimizer` (call its `step()` after each optimizer step).
+
+    options: warmup_steps, decay_rate, decay_every, final_ratio, power (see lr_multiplier).
+    Raises ValueError (one line) for an unknown name or out-of-range option.
+    """
+    check_schedule(name, max_steps, **options)
+    multiplier: Callable[[int], float] = partial(
+        lr_multiplier, name=name, max_steps=max_steps, **options
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def check_schedule(name: str, max_steps: int, **options: float) -> None:
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+    limits = {
+        "max_steps": (max_steps, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        "warmup_steps": (
+            options.get("warmup_steps", 0),
+            lambda v: isinstance(v, int) and 0 <= v <= max_steps,
+            f"an integer in [0, max_steps={max_steps}]",
+        ),
+        "decay_rate": (options.get("decay_rate", 0.1), lambda v: 0 < v <= 1, "in (0, 1]"),
+        "decay_every": (
+            options.get("decay_every", 1),
+            lambda v: isinstance(v, int) and v >= 1,
+            "an integer >= 1",
+        ),
+        "final_ratio": (options.get("final_ratio", 0.0), lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "power": (options.get("power", 1.0), lambda v: v > 0, "> 0"),
+    }
+    unknown = sorted(set(options) - set(limits))
+    if unknown:
+        raise ValueError(
+            f"unknown schedule option {unknown[0]!r}; allowed: {', '.join(sorted(limits))}"
+        )
+    for key, (value, ok, allowed) in limits.items():
+        if not ok(value):
+            raise ValueError(f"invalid schedule {key}={value!r}; allowed: {allowed}")
