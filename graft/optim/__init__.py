@@ -1,7 +1,8 @@
 """Grafted optimizers: the update rules, their combination, and the black-box reference."""
 
-from graft.optim.graft import GRANULARITIES, Graft, StepNorms
+from graft.optim.graft import GRANULARITIES, Graft
 from graft.optim.rules import RULES
 from graft.optim.state_bytes import state_bytes
+from graft.optim.update import StepNorms
 
 __all__ = ["GRANULARITIES", "RULES", "Graft", "StepNorms", "state_bytes"]

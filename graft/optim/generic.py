@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from graft.optim import spec as specs
+from graft.optim.update import StepNorms
 
 if TYPE_CHECKING:
-    from graft.optim.graft import Graft, StepNorms
+    from graft.optim.graft import Graft
 
 
 class BlackBox:
@@ -31,17 +32,14 @@ class BlackBox:
     def __init__(self, graft: Graft) -> None:
         self.graft = graft
         self.group_count = len(graft.param_groups)
-        self.magnitude = inner_optimizer(graft.param_groups, "magnitude")
-        has_direction = graft.param_groups[0]["direction"] is not None
-        self.direction = inner_optimizer(graft.param_groups, "direction") if has_direction else None
+        self.magnitude = inner_optimizer(graft, "magnitude")
+        self.direction = inner_optimizer(graft, "direction") if graft.grafting() else None
 
     def matches(self, graft: Graft) -> bool:
         return graft is self.graft and len(graft.param_groups) == self.group_count
 
     @torch.no_grad()
     def step(self) -> StepNorms:
-        from graft.optim.graft import StepNorms
-
         graft = self.graft
         grafting = graft.grafting()
         params, eps = [], []
@@ -103,9 +101,8 @@ class InnerOptimizer:
                 inner_state[param] = slot[role]
 
 
-def inner_optimizer(graft_groups: list[dict[str, Any]], role: str) -> InnerOptimizer:
-    from graft.optim.graft import Graft
-
+def inner_optimizer(graft: Graft, role: str) -> InnerOptimizer:
+    graft_groups = graft.param_groups
     first = graft_groups[0][role]
     rule = specs.rule_of(first)
     cls = specs.optimizer_class(first["name"], role) if rule is None else None
@@ -120,7 +117,7 @@ def inner_optimizer(graft_groups: list[dict[str, Any]], role: str) -> InnerOptim
         groups.append({"params": group["params"], **hyper})
 
     if cls is None:  # a built-in rule torch.optim lacks: a plain Graft of that rule
-        inner = Graft(groups, magnitude={"name": first["name"], "lr": groups[0]["lr"]})
+        inner = type(graft)(groups, magnitude={"name": first["name"], "lr": groups[0]["lr"]})
         return InnerOptimizer(inner, nested=True)
     accepted = specs.class_keywords(cls)
     if accepted is not None:

@@ -13,14 +13,14 @@ taken over all tensors (granularity "global"). Agarwal, Anil, Hazan, Koren, Zhan
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from graft.optim import spec as specs
-from graft.optim.update import apply_update, update_norms
+from graft.optim.generic import BlackBox
+from graft.optim.update import StepNorms, apply_update, update_norms
 
 GRANULARITIES = ("tensor", "global")
 
@@ -30,17 +30,6 @@ CHUNK_NUMEL = 1 << 20
 
 # Param-group keys Graft itself reads; any other key is a keyword for the optimizers.
 GROUP_KEYS = ("params", "param_names", "lr", "magnitude", "direction", "eps", "granularity")
-
-
-@dataclass
-class StepNorms:
-    """‖u_M‖ and ‖u_D‖ per tensor at the last step: vectors (fp32, or fp64 for fp64
-    parameters) on the parameters' device, aligned with `params` (the tensors that had
-    a gradient). Without grafting (no direction, or M#M) `direction` is `magnitude`."""
-
-    params: list[Tensor]
-    magnitude: Tensor
-    direction: Tensor
 
 
 class Graft(torch.optim.Optimizer):
@@ -162,8 +151,6 @@ class Graft(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.generic:
-            from graft.optim.generic import BlackBox
-
             if self._black_box is None or not self._black_box.matches(self):
                 self._black_box = BlackBox(self)
             self.last_norms = self._black_box.step()

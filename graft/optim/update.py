@@ -78,3 +78,14 @@ def apply_update(params: list[Tensor], update: Update, scales: list[Tensor] | No
     # Fold the rule's coefficient into Graft's scale: tiny 0-d ops, then one addcmul pass.
     factors = torch._foreach_mul(scales, coeffs)
     torch._foreach_addcmul_(params, update.tensors, factors)
+
+
+@dataclass
+class StepNorms:
+    """‖u_M‖ and ‖u_D‖ per tensor at the last step: vectors (fp32, or fp64 for fp64
+    parameters) on the parameters' device, aligned with `params` (the tensors that had
+    a gradient). Without grafting (no direction, or M#M) `direction` is `magnitude`."""
+
+    params: list[Tensor]
+    magnitude: Tensor
+    direction: Tensor
