@@ -228,22 +228,6 @@ def run_rounds(probes: list[Probe], rounds: int, rng: random.Random) -> None:
             probe.time_once()
 
 
-def state_bytes(state: object, seen: set[int] | None = None) -> int:
-    """Bytes of all tensors in a (nested) optimizer state, each storage counted once."""
-    seen = set() if seen is None else seen
-    if isinstance(state, Tensor):
-        storage = state.untyped_storage()
-        if storage.data_ptr() in seen:
-            return 0
-        seen.add(storage.data_ptr())
-        return storage.nbytes()
-    if isinstance(state, dict):
-        return sum(state_bytes(value, seen) for value in state.values())
-    if isinstance(state, list | tuple):
-        return sum(state_bytes(value, seen) for value in state)
-    return 0
-
-
 def transient_peak(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by `fn` beyond what was allocated when it started.
 
@@ -302,7 +286,7 @@ def measure_rows(probes: list[Probe]) -> dict[str, Row]:
     rows = {}
     for config, probe in zip(CONFIGS, probes):
         transient = transient_peak(probe.optimizer.step)
-        state = state_bytes(probe.optimizer.state)
+        state = graft.optim.state_bytes(probe.optimizer)
         rows[config.label] = Row(
             config.label, probe.times, state, transient, config.bytes_per_param, config.traffic
         )
