@@ -20,16 +20,14 @@ Coeffs = float | list[float] | list[Tensor]
 class Update:
     """Per tensor i, the step ``coeffs[i] * tensors[i]`` (added to the weight).
 
-    tensors: one per parameter, same shape and dtype as the parameter.
+    tensors: one per parameter, same shape and dtype as the parameter; read only, since
+        they may be optimizer state itself (SGD hands back its momentum buffer).
     coeffs: one python float for all, a float per tensor, or a 0-d fp32 tensor per
         tensor (when the coefficient is itself computed on the device, e.g. a trust ratio).
-    owned: the tensors are temporaries of this step, free to overwrite; when False they
-        alias optimizer state or gradients and must only be read.
     """
 
     tensors: list[Tensor]
     coeffs: Coeffs
-    owned: bool = True
 
 
 def norms(tensors: list[Tensor]) -> Tensor:

@@ -74,7 +74,7 @@ class Adagrad(Rule):
         steps = step_counts(states, advance)
         coeffs = [-hyper["lr"] / (1 + (step - 1) * hyper["lr_decay"]) for step in steps]
         if momentum != 0 and not advance:
-            return Update([state["momentum_buffer"] for state in states], coeffs, owned=False)
+            return Update([state["momentum_buffer"] for state in states], coeffs)
 
         grads, _ = effective_grads(params, grads, hyper["weight_decay"], hyper["maximize"])
         sums = [state["sum"] for state in states]
@@ -88,4 +88,4 @@ class Adagrad(Rule):
         buffers = [state["momentum_buffer"] for state in states]
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_addcdiv_(buffers, grads, denominators)
-        return Update(buffers, coeffs, owned=False)
+        return Update(buffers, coeffs)

@@ -62,7 +62,7 @@ class LARS(Rule):
     ) -> Update:
         lr, momentum, weight_decay = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
         if momentum != 0 and not advance:
-            return Update([state["momentum_buffer"] for state in states], -1.0, owned=False)
+            return Update([state["momentum_buffer"] for state in states], -1.0)
 
         weight_norms = norms(params)
         grad_norms = norms(grads)
@@ -81,4 +81,4 @@ class LARS(Rule):
         buffers = [state["momentum_buffer"] for state in states]
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_addcmul_(buffers, grads, torch._foreach_mul(trust, lr))
-        return Update(buffers, -1.0, owned=False)
+        return Update(buffers, -1.0)

@@ -65,7 +65,7 @@ class RMSprop(Rule):
         lr, alpha, momentum = hyper["lr"], hyper["alpha"], hyper["momentum"]
         step_counts(states, advance)
         if momentum > 0 and not advance:
-            return Update([state["momentum_buffer"] for state in states], -lr, owned=False)
+            return Update([state["momentum_buffer"] for state in states], -lr)
 
         grads, _ = effective_grads(params, grads, hyper["weight_decay"], hyper["maximize"])
         square_avgs = [state["square_avg"] for state in states]
@@ -88,4 +88,4 @@ class RMSprop(Rule):
         buffers = [state["momentum_buffer"] for state in states]
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_addcdiv_(buffers, grads, denominators)
-        return Update(buffers, -lr, owned=False)
+        return Update(buffers, -lr)

@@ -57,7 +57,7 @@ class SGD(Rule):
         lr, momentum = hyper["lr"], hyper["momentum"]
         grads, owned = effective_grads(params, grads, hyper["weight_decay"], hyper["maximize"])
         if momentum == 0:
-            return Update(grads, -lr, owned)
+            return Update(grads, -lr)
 
         if advance:
             fresh = [i for i, state in enumerate(states) if "momentum_buffer" not in state]
@@ -73,7 +73,7 @@ class SGD(Rule):
 
         buffers = [state["momentum_buffer"] for state in states]
         if not hyper["nesterov"]:
-            return Update(buffers, -lr, owned=False)
+            return Update(buffers, -lr)
         if owned:
             torch._foreach_add_(grads, buffers, alpha=momentum)
             return Update(grads, -lr)
