@@ -24,6 +24,12 @@ def test_step_decay_is_stepwise_exponential_after_warmup():
     assert values == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25])
 
 
+def test_step_decay_at_milestones():
+    # Goyal et al. 2017's shape: warmup, then x0.1 at given steps (epochs 30, 60, 80).
+    values = multipliers("step_decay", warmup_steps=2, decay_rate=0.1, milestones=[4, 7])
+    assert values == pytest.approx([0.5, 1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01])
+
+
 def test_linear_cosine_polynomial_end_points():
     linear = multipliers("linear", max_steps=11, warmup_steps=1)
     assert linear[1] == 1.0 and linear[6] == pytest.approx(0.5) and linear[-1] == pytest.approx(0.1)

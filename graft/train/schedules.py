@@ -8,7 +8,7 @@ step. Every schedule may start with a linear warmup from 0 over `warmup_steps`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -24,13 +24,15 @@ def lr_multiplier(
     warmup_steps: int = 0,
     decay_rate: float = 0.1,
     decay_every: int = 1,
+    milestones: Sequence[int] = (),
     final_ratio: float = 0.0,
     power: float = 1.0,
 ) -> float:
     """The factor on the base lr at `step` (0-based: the step about to be taken).
 
     constant:    1.
-    step_decay:  decay_rate ** ⌊(step - warmup) / decay_every⌋ (stepwise exponential decay).
+    step_decay:  decay_rate ** ⌊(step - warmup) / decay_every⌋ (stepwise exponential decay),
+                 or, with milestones, decay_rate ** (number of milestones <= step).
     linear:      from 1 down to final_ratio at max_steps.
     cosine:      half a cosine from 1 down to final_ratio at max_steps.
     polynomial:  final_ratio + (1 - final_ratio)·(1 - progress)^power.
@@ -41,6 +43,8 @@ def lr_multiplier(
     if name == "constant":
         return 1.0
     if name == "step_decay":
+        if milestones:
+            return decay_rate ** sum(step >= milestone for milestone in milestones)
         return decay_rate ** ((step - warmup_steps) // decay_every)
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     if name == "linear":
@@ -57,10 +61,13 @@ def build_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step scheduler on `optimizer` (call its `step()` after each optimizer step).
 
-    options: warmup_steps, decay_rate, decay_every, final_ratio, power (see lr_multiplier).
+    options: warmup_steps, decay_rate, decay_every, milestones, final_ratio, power (see
+    lr_multiplier).
     Raises ValueError (one line) for an unknown name or out-of-range option.
     """
     check_schedule(name, max_steps, **options)
+    if "milestones" in options:
+        options = {**options, "milestones": tuple(options["milestones"])}
     multiplier: Callable[[int], float] = partial(
         lr_multiplier, name=name, max_steps=max_steps, **options
     )
@@ -82,6 +89,11 @@ def check_schedule(name: str, max_steps: int, **options: float) -> None:
             options.get("decay_every", 1),
             lambda v: isinstance(v, int) and v >= 1,
             "an integer >= 1",
+        ),
+        "milestones": (
+            options.get("milestones", ()),
+            lambda v: all(isinstance(m, int) and m >= 0 for m in v) and list(v) == sorted(v),
+            "increasing step numbers",
         ),
         "final_ratio": (options.get("final_ratio", 0.0), lambda v: 0 <= v <= 1, "in [0, 1]"),
         "power": (options.get("power", 1.0), lambda v: v > 0, "> 0"),

@@ -1,0 +1,160 @@
+"""Image classification: torchvision ResNets on ImageNet (ImageFolder) or on scikit-learn's digits.
+
+`data.source: imagefolder` reads `data.root/train/<class>/<image>` and `data.root/val/...`
+with `torchvision.datasets.ImageFolder` and the standard ImageNet transforms (random-resized
+crop and flip for training; resize and center crop for evaluation). `data.source: digits` is
+the CPU default: the 1,797 8x8 handwritten digits bundled with scikit-learn, no download.
+Metrics: cross-entropy loss, top-1 and top-5 accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset, TensorDataset
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.transforms import v2
+
+from graft.tasks.base import DataError, Task
+
+# ImageNet channel statistics, as torchvision's pretrained models are normalised.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SOURCES = ("digits", "imagefolder")
+RESNET_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
+    """The task of the `task` config: its model and its train and held-out splits."""
+    data = cfg["data"]
+    if data["source"] == "digits":
+        train_set, eval_set = digits_splits(data["eval_fraction"])
+    elif data["source"] == "imagefolder":
+        train_set, eval_set = image_folders(data)
+        classes = cfg["model"].get("num_classes", 1000)
+        if len(train_set.classes) > classes:
+            raise DataError(
+                f"task.data.root holds {len(train_set.classes)} classes but the model has "
+                f"{classes} outputs; set task.model.num_classes={len(train_set.classes)}"
+            )
+    else:
+        raise DataError(
+            f"unknown task.data.source {data['source']!r}; allowed: {', '.join(SOURCES)}"
+        )
+    return Task(
+        name=cfg["name"],
+        model=build_model(cfg["model"]),
+        train_set=train_set,
+        eval_set=eval_set,
+        collate=None,
+        loss=cross_entropy,
+        eval_sums=topk_sums,
+    )
+
+
+def build_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """`name: resnet` builds torchvision's ResNet class from `block` and `layers` (optionally
+    with `in_channels` and a `small_input` stem: 3x3 stride 1, no max-pool); any other name is
+    a torchvision model (`resnet50`, ...) built untrained with the remaining keywords."""
+    options = dict(cfg)
+    name = options.pop("name")
+    if name != "resnet":
+        try:
+            return torchvision.models.get_model(name, weights=None, **options)
+        except ValueError:
+            raise DataError(
+                f"unknown task.model.name {name!r}; allowed: resnet or a torchvision model "
+                "such as resnet18, resnet50 (torchvision.models.list_models())"
+            ) from None
+    block = options.pop("block")
+    if block not in RESNET_BLOCKS:
+        raise DataError(f"unknown task.model.block {block!r}; allowed: {', '.join(RESNET_BLOCKS)}")
+    in_channels = options.pop("in_channels", 3)
+    small_input = options.pop("small_input", False)
+    model = ResNet(RESNET_BLOCKS[block], list(options.pop("layers")), **options)
+    if small_input or in_channels != 3:
+        kernel, stride = (3, 1) if small_input else (7, 2)
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel, stride, kernel // 2, bias=False)
+        # The initialisation torchvision gives every ResNet convolution.
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if small_input:
+        model.maxpool = nn.Identity()
+    return model
+
+
+def digits_splits(eval_fraction: float) -> tuple[Dataset, Dataset]:
+    """scikit-learn's digits as 1x8x8 images, standardised by the train split's statistics.
+
+    The held-out split is stratified and fixed (random_state 0): every seed and every cell
+    is evaluated on the same images.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < eval_fraction < 1:
+        raise DataError(f"task.data.eval_fraction={eval_fraction!r} is invalid; allowed: (0, 1)")
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    train_index, eval_index = train_test_split(
+        range(len(labels)), test_size=eval_fraction, stratify=digits.target, random_state=0
+    )
+    train_images = images[train_index]
+    mean, std = train_images.mean(), train_images.std()
+    return (
+        TensorDataset((train_images - mean) / std, labels[train_index]),
+        TensorDataset((images[eval_index] - mean) / std, labels[eval_index]),
+    )
+
+
+def image_folders(data: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
+    """ImageFolder train/ and val/ under data.root with the standard ImageNet transforms."""
+    root = Path(data["root"]) if data.get("root") else None
+    layout = "expected <root>/train/<class>/<image> and <root>/val/<class>/<image>"
+    if root is None or not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise DataError(
+            f"task.data.root={str(root) if root else None!r} has no train/ and val/ folders; "
+            f"{layout} (set task.data.root=...)"
+        )
+    size, resize = data["image_size"], data["resize_size"]
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_transform = v2.Compose(
+        [v2.ToImage(), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *normalize]
+    )
+    eval_transform = v2.Compose([v2.ToImage(), v2.Resize(resize), v2.CenterCrop(size), *normalize])
+    try:
+        train_set = torchvision.datasets.ImageFolder(root / "train", train_transform)
+        eval_set = torchvision.datasets.ImageFolder(root / "val", eval_transform)
+    except FileNotFoundError as error:
+        raise DataError(f"task.data.root={str(root)!r}: {error}; {layout}") from None
+    if train_set.classes != eval_set.classes:
+        missing = sorted(set(train_set.classes) ^ set(eval_set.classes))[:3]
+        raise DataError(
+            f"task.data.root={str(root)!r}: train/ and val/ hold different classes "
+            f"(e.g. {', '.join(missing)}); {layout}"
+        )
+    return train_set, eval_set
+
+
+def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    images, labels = batch
+    return F.cross_entropy(model(images), labels)
+
+
+def topk_sums(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    images, labels = batch
+    logits = model(images).float()
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return {
+        "loss": F.cross_entropy(logits, labels, reduction="sum"),
+        "top1": hits[:, 0].sum(),
+        "top5": hits.any(dim=1).sum(),
+        "count": torch.tensor(len(labels), device=labels.device),
+    }

@@ -1,0 +1,5 @@
+"""`python -m graft.train`: the same as `graft-train`."""
+
+from graft.train.cli import main
+
+main()

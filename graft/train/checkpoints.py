@@ -1,0 +1,57 @@
+"""Checkpoints: written atomically, the newest few kept, loaded safely, with a fallback.
+
+A checkpoint is one `torch.save` of plain containers and tensors (model, optimizer, scheduler,
+data position, RNG states, counters), so it loads with `weights_only=True`. It is written to a
+temporary file and renamed into place: a kill mid-write leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:08d}.pt"
+
+
+def saved_checkpoints(directory: Path) -> list[Path]:
+    """The checkpoints in `directory`, oldest first."""
+    return sorted(directory.glob("step_*.pt"))
+
+
+def save_checkpoint(directory: Path, step: int, payload: Mapping[str, Any], keep: int) -> Path:
+    """Write `payload` as the checkpoint of `step`, then delete all but the newest `keep`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(directory, step)
+    write_atomically(path, lambda temporary: torch.save(dict(payload), temporary))
+    for old in saved_checkpoints(directory)[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_newest_checkpoint(directory: Path) -> dict[str, Any] | None:
+    """The newest checkpoint that loads; an unreadable one is reported and skipped."""
+    for path in reversed(saved_checkpoints(directory)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # any corruption: truncated zip, bad pickle, bad tensor
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            log.warning("checkpoint %s is unreadable (%s); trying the one before", path, reason)
+    return None
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Call `write(temporary_path)`, flush it to disk, and rename it to `path`."""
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

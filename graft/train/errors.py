@@ -1,0 +1,20 @@
+"""How the trainer ends on a mistake or a failure, and with which exit code."""
+
+from __future__ import annotations
+
+# Exit codes: a user mistake (bad config, missing data) is 2; a run that failed (a
+# non-finite loss) is 1, after it has kept its last good checkpoint and recorded why.
+EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
+
+
+class UserError(Exception):
+    """A mistake the user fixes in the config or on the command line; one line, no traceback."""
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite at `step` (1-based optimizer step)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"non-finite training loss at step {step}")
+        self.step = step

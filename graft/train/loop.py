@@ -1,0 +1,478 @@
+"""The one training loop every task and every M#D cell runs through.
+
+`train(config, run_dir)` trains the cell `config` describes inside `run_dir` and returns an
+exit code. The same call on the same run directory resumes from the newest checkpoint (model,
+both optimizer states, scheduler, data position, RNG), so on a CPU an interrupted run ends
+bit-identical to an uninterrupted one; a run that already ended is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_model
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from graft.optim import Graft, state_bytes
+from graft.tasks import Batch, DataError, Task, build_task
+from graft.train.checkpoints import load_newest_checkpoint, save_checkpoint, write_atomically
+from graft.train.config import cell_name, config_differences
+from graft.train.data import BatchStream
+from graft.train.errors import EXIT_RUN_FAILED, NonFiniteLoss, UserError
+from graft.train.metrics import MetricsLog, read_metrics
+from graft.train.optimizer import build_optimizer
+from graft.train.provenance import git_sha, hardware, versions
+from graft.train.schedules import build_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Counters carried across resumes (they go into every checkpoint)."""
+
+    step: int = 0  # optimizer steps taken
+    samples: int = 0  # training samples seen, over all ranks
+    train_seconds: float = 0.0  # time in training steps (no evaluation, no checkpoints)
+    wall_seconds: float = 0.0  # time in this run's sessions, all included
+
+
+def train(
+    config: Mapping[str, Any], run_dir: Path, record_config: Callable[[], None] = lambda: None
+) -> int:
+    """Train (or resume, or skip) the run `config` describes in `run_dir`; the exit code.
+
+    config: the resolved train.yaml as plain containers. record_config is called once the
+    run is known to be this config's and everything built, to write the run's `.hydra/`.
+    Raises UserError for a mistake in the config or the data.
+    """
+    session_start = time.perf_counter()
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        return report_ended_run(summary_path)
+    checkpoint = load_newest_checkpoint(run_dir / "checkpoints")
+    refuse_other_config(config, run_dir, checkpoint)
+
+    trainer = config["trainer"]
+    check_trainer(trainer)
+    device = resolve_device(trainer["device"])
+    micro_batch_size, accumulation = split_batch(
+        trainer["batch_size"], trainer["micro_batch_size"], world_size=1
+    )
+    seed = trainer["seed"]
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        task = build_task(config["task"], seed=seed, cache_dir=run_dir / "cache")
+    except DataError as error:
+        raise UserError(str(error)) from None
+    model = task.model.to(device)
+    if trainer["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config["schedule"], trainer["max_steps"])
+    stream = BatchStream(
+        task.train_set,
+        micro_batch_size,
+        seed=seed,
+        collate=task.collate,
+        num_workers=trainer["num_workers"],
+        pin_memory=device.type == "cuda",
+    )
+    if stream.batches_per_epoch == 0:
+        raise UserError(
+            f"the {task.name} train split has {len(task.train_set)} items, fewer than one "
+            f"micro-batch of {micro_batch_size}; lower trainer.batch_size or "
+            "trainer.micro_batch_size"
+        )
+    progress = Progress()
+    wandb_id = None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        stream.load_state_dict(checkpoint["data"])
+        set_rng_state(checkpoint["rng"], device)
+        progress = Progress(**checkpoint["progress"])
+        wandb_id = checkpoint["wandb_id"]
+        log.info("resuming %s from step %d", run_dir, progress.step)
+    record_config()
+
+    cell = cell_name(config["magnitude"]["name"], config["direction"]["name"], optimizer.grafting())
+    metrics = MetricsLog(
+        run_dir,
+        resume_step=progress.step,
+        logger=config["logger"],
+        config=config,
+        run_name=f"{cell} seed{seed}",
+        wandb_id=wandb_id,
+    )
+    loop = Loop(
+        task=task,
+        model=model,
+        forward=torch.compile(model) if trainer["compile"] else model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=stream,
+        accumulation=accumulation,
+        device=device,
+        trainer=trainer,
+        config=config,
+        metrics=metrics,
+        progress=progress,
+        run_dir=run_dir,
+        session_start=session_start,
+    )
+    summary: dict[str, Any] = {"status": "finished", "cell": cell, "task": task.name}
+    try:
+        with logging_redirect_tqdm():
+            summary.update(loop.run(desc=f"{task.name} {cell} seed{seed}"))
+    except NonFiniteLoss as error:
+        summary.update(status="diverged", error=str(error), failed_step=error.step)
+        log.error(
+            "%s: stopping; the last good checkpoint is kept in %s", error, run_dir / "checkpoints"
+        )
+    progress.wall_seconds = loop.wall_seconds()
+    summary.update(
+        steps=progress.step,
+        wall_seconds=round(progress.wall_seconds, 3),
+        train_seconds=round(progress.train_seconds, 3),
+        samples_per_s=round(progress.samples / max(progress.train_seconds, 1e-9), 2),
+        optimizer_state_bytes=state_bytes(optimizer),
+        parameters=sum(param.numel() for param in model.parameters()),
+        versions=versions(),
+        git_sha=git_sha(),
+        hardware=hardware(device),
+    )
+    if summary["status"] == "finished":
+        write_atomically(run_dir / "model.safetensors", lambda path: save_model(model, str(path)))
+    write_atomically(summary_path, lambda path: path.write_text(json.dumps(summary, indent=2)))
+    metrics.close(summary)
+    if summary["status"] != "finished":
+        return EXIT_RUN_FAILED
+    log.info("finished %s: %s", run_dir, format_metrics(summary))
+    return 0
+
+
+class Loop:
+    """The loop's moving parts and its one `run`."""
+
+    def __init__(self, **parts: Any) -> None:
+        self.__dict__.update(parts)
+        self.task: Task
+        self.model: nn.Module
+        self.forward: nn.Module
+        self.optimizer: Graft
+        self.stream: BatchStream
+        self.trainer: Mapping[str, Any]
+        self.progress: Progress
+        self.device: torch.device
+        self.metrics: MetricsLog
+        self.run_dir: Path
+        self.config: Mapping[str, Any]
+        self.session_start: float
+        self.wall_before = self.progress.wall_seconds
+        self.names = {param: name for name, param in self.model.named_parameters()}
+        self.eval_batches = DataLoader(
+            self.task.eval_set,
+            batch_size=self.trainer["eval_batch_size"],
+            collate_fn=self.task.eval_collate or self.task.collate,
+            num_workers=self.trainer["num_workers"],
+        )
+        self.autocast = lambda: torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.trainer["bf16"]
+        )
+        self.pending: list[Tensor] = []  # losses of the steps since the last check
+
+    def run(self, desc: str) -> dict[str, Any]:
+        """Train to max_steps; returns the final evaluation and the last logged train loss."""
+        trainer, progress = self.trainer, self.progress
+        max_steps = trainer["max_steps"]
+        bar = tqdm(
+            total=max_steps,
+            initial=progress.step,
+            desc=desc,
+            unit="step",
+            disable=not trainer["progress"],
+            dynamic_ncols=True,
+        )
+        mark = time.perf_counter()  # start of the training time not yet counted
+        window = (progress.train_seconds, progress.samples)  # at the last train log line
+        self.model.train()
+        while progress.step < max_steps:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.pending.append(self.train_step())
+            progress.step += 1
+            progress.samples += trainer["batch_size"]
+            bar.update(1)
+            step = progress.step
+            due = {
+                name: step == max_steps or (trainer[every] > 0 and step % trainer[every] == 0)
+                for name, every in (
+                    ("log", "log_every"),
+                    ("norms", "log_norms_every"),
+                    ("eval", "eval_every"),
+                    ("checkpoint", "checkpoint_every"),
+                )
+            }
+            if not any(due.values()):
+                continue
+            losses = self.checked_losses()  # waits for the device: the step times are now real
+            now = time.perf_counter()
+            progress.train_seconds += now - mark
+            record: dict[str, Any] = {}
+            if due["log"]:
+                rate = (progress.samples - window[1]) / max(
+                    progress.train_seconds - window[0], 1e-9
+                )
+                window = (progress.train_seconds, progress.samples)
+                record["train/loss"] = losses.mean().item()
+                record["train/lr"] = lr
+                record["train/samples_per_s"] = round(rate, 2)
+                record["train/epoch"] = round(self.stream.fractional_epoch, 4)
+                self.pending = []
+                bar.set_postfix(
+                    loss=f"{record['train/loss']:.4g}", lr=f"{lr:.3g}", samples_s=f"{rate:.0f}"
+                )
+            if due["norms"]:
+                record.update(self.step_norms())
+            if due["eval"]:
+                record.update(self.evaluate())
+            self.metrics.log(step, record)
+            if due["checkpoint"]:
+                self.save_checkpoint()
+            mark = time.perf_counter()  # logging, evaluation and checkpoints are not training
+        bar.close()
+        return self.final_metrics()
+
+    def train_step(self) -> Tensor:
+        """One optimizer step over `accumulation` micro-batches; the step's mean loss."""
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.accumulation):
+            batch = self.to_device(next(self.stream))
+            with self.autocast():
+                loss = self.task.loss(self.forward, batch)
+            (loss / self.accumulation).backward()
+            total += loss.detach().float()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / self.accumulation
+
+    def checked_losses(self) -> Tensor:
+        """Losses of the steps since the last log line; NonFiniteLoss names the first bad one."""
+        losses = torch.stack(self.pending)
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0])
+            raise NonFiniteLoss(self.progress.step - len(losses) + 1 + first)
+        return losses
+
+    def step_norms(self) -> dict[str, float]:
+        """‖u_M‖ (and ‖u_D‖ when grafting) of the last step, by parameter name."""
+        norms = self.optimizer.last_norms
+        if norms is None:
+            return {}
+        names = [self.names[param] for param in norms.params]
+        record = dict(zip((f"norms/magnitude/{n}" for n in names), norms.magnitude.tolist()))
+        if self.optimizer.grafting():
+            record.update(zip((f"norms/direction/{n}" for n in names), norms.direction.tolist()))
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Every eval_sums key averaged over the held-out split, as eval/<key>."""
+        self.model.eval()
+        totals: dict[str, Tensor] = {}
+        for batch in self.eval_batches:
+            with self.autocast():
+                sums = self.task.eval_sums(self.forward, self.to_device(batch))
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0) + value.detach().double()
+        self.model.train()
+        count = totals.pop("count")
+        return {f"eval/{key}": (value / count).item() for key, value in totals.items()}
+
+    def final_metrics(self) -> dict[str, Any]:
+        """The last step's evaluation and last train loss, as metrics.jsonl records them."""
+        lines = read_metrics(self.metrics.path)
+        final = {}
+        for line in lines:
+            if line["step"] == self.progress.step:
+                final.update((key, value) for key, value in line.items() if key.startswith("eval/"))
+            if "train/loss" in line:
+                final["train/loss"] = line["train/loss"]
+        if not any(key.startswith("eval/") for key in final):  # not logged before a crash
+            evaluation = self.evaluate()
+            self.metrics.log(self.progress.step, evaluation)
+            final.update(evaluation)
+        return final
+
+    def save_checkpoint(self) -> None:
+        self.progress.wall_seconds = self.wall_seconds()
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.stream.state_dict(),
+            "rng": rng_state(self.device),
+            "progress": asdict(self.progress),
+            "wandb_id": self.metrics.wandb_id,
+            "config": dict(self.config),
+        }
+        save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.progress.step,
+            payload,
+            self.trainer["keep_checkpoints"],
+        )
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.session_start
+
+    def to_device(self, batch: Batch) -> Batch:
+        """Tensors (in tuples, lists or dicts) onto the device; images channels-last if set."""
+        if isinstance(batch, Tensor):
+            batch = batch.to(self.device, non_blocking=True)
+            if self.trainer["channels_last"] and batch.ndim == 4 and batch.is_floating_point():
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            return batch
+        if isinstance(batch, Mapping):
+            return type(batch)({key: self.to_device(value) for key, value in batch.items()})
+        if isinstance(batch, list | tuple):
+            return type(batch)(self.to_device(value) for value in batch)
+        return batch
+
+
+def report_ended_run(summary_path: Path) -> int:
+    summary = json.loads(summary_path.read_text())
+    if summary["status"] == "finished":
+        log.info(
+            "%s already finished at step %d: nothing to do (%s)",
+            summary_path.parent,
+            summary["steps"],
+            format_metrics(summary),
+        )
+        return 0
+    log.error(
+        "%s already ended: %s; nothing to do (delete its summary.json to retry from the "
+        "last checkpoint)",
+        summary_path.parent,
+        summary.get("error", summary["status"]),
+    )
+    return EXIT_RUN_FAILED
+
+
+def refuse_other_config(
+    config: Mapping[str, Any], run_dir: Path, checkpoint: Mapping[str, Any] | None
+) -> None:
+    """UserError when run_dir already holds a run of a config that computes differently."""
+    recorded_path = run_dir / ".hydra" / "config.yaml"
+    if recorded_path.exists():
+        recorded = OmegaConf.to_container(OmegaConf.load(recorded_path), resolve=True)
+    elif checkpoint is not None:
+        recorded = checkpoint["config"]
+    else:
+        return
+    differences = config_differences(recorded, config)
+    if differences:
+        shown = "; ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
+        raise UserError(
+            f"{run_dir} holds a run with another config ({shown}); resume it with its own "
+            "settings, or pick a new folder with hydra.run.dir=..."
+        )
+
+
+# trainer keys checked before anything is built: (test, what is allowed)
+TRAINER_LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "micro_batch_size": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or >= 1"),
+    "max_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "eval_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: at the end)"),
+    "log_every": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "log_norms_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: never)"),
+    "checkpoint_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "keep_checkpoints": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "num_workers": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+}
+
+
+def check_trainer(trainer: Mapping[str, Any]) -> None:
+    for key, (ok, allowed) in TRAINER_LIMITS.items():
+        if not ok(trainer[key]):
+            raise UserError(f"trainer.{key}={trainer[key]!r} is invalid; allowed: {allowed}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: the current CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(
+            f"trainer.device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name!r} but no CUDA device is visible; use auto or cpu")
+    return device
+
+
+def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, accumulation steps) with micro x ranks x steps = batch_size."""
+    if batch_size % world_size:
+        raise UserError(
+            f"trainer.batch_size={batch_size} does not split over {world_size} ranks; "
+            f"use a multiple of {world_size}"
+        )
+    per_rank = batch_size // world_size
+    micro = micro_batch_size or per_rank
+    if per_rank % micro:
+        raise UserError(
+            f"trainer.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
+            f"(trainer.batch_size={batch_size} over {world_size} ranks); use a divisor of it"
+        )
+    return micro, per_rank // micro
+
+
+def make_scheduler(
+    optimizer: Graft, schedule: Mapping[str, Any], max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    options = {key: value for key, value in schedule.items() if key != "name"}
+    try:
+        return build_schedule(optimizer, schedule["name"], max_steps, **options)
+    except ValueError as error:
+        raise UserError(f"{error} (fix it in the schedule config, e.g. schedule=cosine)") from None
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+
+
+def format_metrics(summary: Mapping[str, Any]) -> str:
+    shown = {key: value for key, value in summary.items() if key.startswith(("eval/", "train/"))}
+    return ", ".join(f"{key} {value:.4g}" for key, value in sorted(shown.items()))

@@ -1,0 +1,40 @@
+"""The run's optimizer: a Graft of the configured magnitude and direction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from graft.optim import Graft
+from graft.train.errors import UserError
+
+
+def build_optimizer(model: nn.Module, config: Mapping[str, Any]) -> Graft:
+    """M#D over the model's trainable parameters (plain M with `graft.enabled` false).
+
+    With `trainer.decay_1d` false, biases and normalisation scales (tensors of ndim <= 1)
+    form a second param group with weight_decay 0 for both M and D.
+    """
+    graft = config["graft"]
+    params = [param for param in model.parameters() if param.requires_grad]
+    if config["trainer"]["decay_1d"]:
+        groups: list[dict[str, Any]] = [{"params": params}]
+    else:
+        groups = [
+            {"params": [param for param in params if param.ndim > 1]},
+            {"params": [param for param in params if param.ndim <= 1], "weight_decay": 0.0},
+        ]
+    try:
+        return Graft(
+            [group for group in groups if group["params"]],
+            magnitude=config["magnitude"],
+            direction=config["direction"] if graft["enabled"] else None,
+            granularity=graft["granularity"],
+            eps=graft["eps"],
+        )
+    except ValueError as error:
+        raise UserError(
+            f"{error} (fix it in the magnitude, direction or graft config, e.g. magnitude.lr=...)"
+        ) from None

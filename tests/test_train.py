@@ -1,0 +1,255 @@
+"""The trainer end to end on the digits task: run directory, resume, refusals, failures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from graft.train.config import CONFIGS, register_resolvers
+from graft.train.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few fast steps of the default cell (adam#sgd on digits) with every event exercised.
+TINY = [
+    "logger=none",
+    "trainer.batch_size=16",
+    "trainer.max_steps=6",
+    "trainer.eval_every=3",
+    "trainer.log_every=1",
+    "trainer.log_norms_every=3",
+    "trainer.checkpoint_every=2",
+    "trainer.keep_checkpoints=2",
+    "trainer.progress=false",
+]
+
+
+def graft_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process (as `python -m graft.train`), in the run's parent."""
+    return subprocess.run(
+        [sys.executable, "-m", "graft.train", *TINY, *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def config(*overrides: str) -> dict:
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return OmegaConf.to_container(compose("train", [*TINY, *overrides]), resolve=True)
+
+
+def train_in_process(run_dir: Path, *overrides: str) -> int:
+    """train() as the CLI calls it, recording the config the way the CLI does."""
+    cfg = config(*overrides)
+
+    def record() -> None:
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        if not (run_dir / ".hydra" / "config.yaml").exists():
+            OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
+
+    return train(cfg, run_dir, record)
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in line.items() if k != "train/samples_per_s"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    return run_dir, graft_train(run_dir)
+
+
+def test_cli_run_writes_the_run_directory(finished_run):
+    run_dir, result = finished_run
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == [
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_00000004.pt",
+        "step_00000006.pt",
+    ]
+    lines = metric_lines(run_dir)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert all({"train/loss", "train/lr", "train/samples_per_s"} <= line.keys() for line in lines)
+    evaluated = [line["step"] for line in lines if "eval/top1" in line]
+    assert evaluated == [3, 6]
+    norms = lines[2]
+    assert norms["norms/magnitude/fc.weight"] > 0 and norms["norms/direction/fc.weight"] > 0
+    assert "norms/magnitude/layer1.0.conv1.weight" in norms
+
+
+def test_summary_and_final_weights(finished_run):
+    run_dir, _ = finished_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert summary["cell"] == "adam#sgd" and summary["task"] == "digits_resnet"
+    last = metric_lines(run_dir)[-1]
+    assert summary["eval/top1"] == last["eval/top1"] and summary["eval/top5"] == last["eval/top5"]
+    for key in ("wall_seconds", "samples_per_s", "optimizer_state_bytes", "versions", "git_sha"):
+        assert key in summary
+    weights = load_file(run_dir / "model.safetensors")
+    checkpoint = torch.load(run_dir / "checkpoints" / "step_00000006.pt", weights_only=True)
+    assert weights.keys() == checkpoint["model"].keys()
+    assert all(torch.equal(weights[k], checkpoint["model"][k]) for k in weights)
+    # Adam's two moments plus SGD's momentum, fp32: 3 x 4 bytes per parameter.
+    assert summary["optimizer_state_bytes"] == 12 * summary["parameters"] + 4 * len(
+        [k for k in weights if not k.endswith(("running_mean", "running_var", "batches_tracked"))]
+    )
+
+
+def test_a_finished_run_is_a_no_op(finished_run):
+    run_dir, _ = finished_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    result = graft_train(run_dir)
+    assert result.returncode == 0
+    assert "already finished at step 6: nothing to do" in result.stdout + result.stderr
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert {p: t for p, t in after.items() if p.name != "train.log"} == {
+        p: t for p, t in before.items() if p.name != "train.log"
+    }
+
+
+def test_another_config_in_the_same_folder_is_refused(finished_run):
+    run_dir, _ = finished_run
+    recorded = (run_dir / ".hydra" / "config.yaml").read_text()
+    (run_dir / "summary.json").rename(run_dir / "summary.json.kept")
+    try:
+        result = graft_train(run_dir, "magnitude.lr=0.5", "trainer.seed=3")
+    finally:
+        (run_dir / "summary.json.kept").rename(run_dir / "summary.json")
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1, result.stderr
+    assert "magnitude.lr: 0.001 -> 0.5" in message[0] and "trainer.seed: 0 -> 3" in message[0]
+    assert "hydra.run.dir" in message[0]
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == recorded
+
+
+def interrupted_at(run_dir: Path, step: int) -> None:
+    """Leave run_dir as a run killed right after its checkpoint of `step` would leave it."""
+    for checkpoint in (run_dir / "checkpoints").glob("step_*.pt"):
+        if int(checkpoint.stem.split("_")[1]) > step:
+            checkpoint.unlink()
+    (run_dir / "summary.json").unlink()
+    (run_dir / "model.safetensors").unlink()
+
+
+def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path):
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    overrides = ("trainer.max_steps=8", "trainer.keep_checkpoints=4")
+    assert train_in_process(uninterrupted, *overrides) == 0
+    assert train_in_process(resumed, *overrides) == 0
+    interrupted_at(resumed, 4)
+    # A torn last metrics line and lines after the checkpoint, as a kill would leave them.
+    with open(resumed / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 9, "train/lo')
+    assert train_in_process(resumed, *overrides) == 0
+    expected = load_file(uninterrupted / "model.safetensors")
+    actual = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert without_timing(metric_lines(resumed)) == without_timing(metric_lines(uninterrupted))
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    assert train_in_process(uninterrupted, "trainer.keep_checkpoints=3") == 0
+    assert train_in_process(resumed, "trainer.keep_checkpoints=3") == 0
+    interrupted_at(resumed, 4)
+    (resumed / "checkpoints" / "step_00000004.pt").write_bytes(b"not a checkpoint")
+    assert train_in_process(resumed, "trainer.keep_checkpoints=3") == 0
+    assert (
+        "step_00000004.pt is unreadable" in caplog.text and "trying the one before" in caplog.text
+    )
+    assert f"resuming {resumed} from step 2" in caplog.text
+    expected = load_file(uninterrupted / "model.safetensors")
+    actual = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    result = graft_train(run_dir, "optim@magnitude=sgd", "magnitude.lr=1e30", "graft=off")
+    assert result.returncode == 1
+    assert "non-finite training loss at step" in result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["failed_step"] >= 2
+    assert not (run_dir / "model.safetensors").exists()
+    for path in (run_dir / "checkpoints").glob("step_*.pt"):
+        state = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+        assert int(path.stem.split("_")[1]) < summary["failed_step"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["optim@magnitude=adamx"],
+            "unknown optim@magnitude option 'adamx' in optim@magnitude=adamx; allowed: adagrad, "
+            "adam, adamw, lamb, lars, rmsprop, sgd (configs/optim/)",
+        ),
+        (["task=mnist"], "unknown task option 'mnist' in task=mnist; allowed: "),
+        (["trainer.batchsize=3"], "Could not override 'trainer.batchsize'"),
+        (["trainer.micro_batch_size=3"], "trainer.micro_batch_size=3 does not divide"),
+        (["magnitude.lr=-1"], "lr"),
+        (
+            ["schedule.warmup_steps=100"],
+            "warmup_steps=100; allowed: an integer in [0, max_steps=6]",
+        ),
+        (
+            ["task=imagenet_resnet50", "task.data.root=/no/such/imagenet"],
+            "task.data.root='/no/such/imagenet' has no train/ and val/ folders; expected "
+            "<root>/train/<class>/<image>",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    result = graft_train(run_dir, *overrides)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graft-train: error: "), result.stderr
+    assert message in lines[0]
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / ".hydra").exists()
+
+
+def test_default_run_directory_is_stable_per_config(tmp_path):
+    def run(*overrides: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "graft.train", "logger=none", "trainer.progress=false"]
+        return subprocess.run(
+            [*command, "trainer.max_steps=1", "trainer.batch_size=8", *overrides],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    assert run().returncode == 0
+    assert run("optim@direction=adagrad", "trainer.seed=1").returncode == 0
+    cell = tmp_path / "outputs" / "digits_resnet" / "adam#sgd" / "seed0"
+    assert (cell / "trainer.batch_size=8,trainer.max_steps=1" / "summary.json").exists()
+    other = tmp_path / "outputs" / "digits_resnet" / "adam#adagrad" / "seed1"
+    assert (other / "trainer.batch_size=8,trainer.max_steps=1" / "summary.json").exists()
+    again = run()
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
