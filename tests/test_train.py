@@ -213,6 +213,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         (["trainer.batchsize=3"], "Could not override 'trainer.batchsize'"),
         (["trainer.micro_batch_size=3"], "trainer.micro_batch_size=3 does not divide"),
         (["magnitude.lr=-1"], "lr"),
+        (["trainer.seed=x"], "trainer.seed='x' is invalid; allowed: an integer >= 0"),
+        (["trainer.bf16=maybe"], "trainer.bf16='maybe' is invalid; allowed: true or false"),
         (
             ["schedule.warmup_steps=100"],
             "warmup_steps=100; allowed: an integer in [0, max_steps=6]",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -16,8 +17,10 @@ from graft.tasks import Batch
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # Distinct, reproducible streams per (seed, epoch); 2**32 keeps them from colliding.
-    return torch.Generator().manual_seed(seed * (1 << 32) + epoch)
+    """A generator of its own per (seed, epoch). The pair is hashed by numpy's SeedSequence
+    because torch's CPU generator keeps only 32 bits of its seed."""
+    mixed = np.random.SeedSequence([seed, epoch]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(mixed))
 
 
 class EpochSampler(Sampler[int]):

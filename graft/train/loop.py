@@ -407,6 +407,11 @@ TRAINER_LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "keep_checkpoints": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "num_workers": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    **{
+        switch: (lambda v: isinstance(v, bool), "true or false")
+        for switch in ("bf16", "channels_last", "compile", "decay_1d", "progress")
+    },
 }
 
 

@@ -1,0 +1,173 @@
+"""The image-classification task: the ImageFolder path ImageNet runs through, and digits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from graft.tasks import DataError, build_task
+from graft.tasks.image_classification import IMAGENET_MEAN, IMAGENET_STD
+
+CLASSES = ("n01440764", "n01443537", "n01484850")  # ImageNet-style synset folder names
+
+
+def write_image_folder(root: Path, per_class: int = 4) -> Path:
+    """A tiny ImageNet layout: train/<class>/*.JPEG and val/<class>/*.JPEG, random pixels."""
+    generator = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for index in range(per_class):
+                size = (40 + 8 * index, 48)  # uneven sizes, as real photos
+                pixels = generator.integers(0, 256, (*size, 3), dtype=np.uint8)
+                pixels[..., label] = 255  # a class signal in one channel
+                Image.fromarray(pixels).save(root / split / name / f"{name}_{index}.JPEG")
+    return root
+
+
+def imagefolder_task(root: Path, **data):
+    cfg = {
+        "name": "imagenet_resnet50",
+        "kind": "image_classification",
+        "model": {"name": "resnet18", "num_classes": len(CLASSES)},
+        "data": {"source": "imagefolder", "root": str(root), "image_size": 32, "resize_size": 36}
+        | data,
+    }
+    return build_task(cfg, seed=0, cache_dir=root / "cache")
+
+
+def test_image_folder_reads_train_and_val_with_the_imagenet_transforms(tmp_path):
+    task = imagefolder_task(write_image_folder(tmp_path / "imagenet"))
+    assert task.train_set.classes == list(CLASSES) and len(task.train_set) == 12
+    image, label = task.eval_set[5]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 1
+    # Evaluation is deterministic (resize + center crop); training is randomly cropped.
+    assert torch.equal(task.eval_set[5][0], image)
+    assert task.train_set[0][0].shape == (3, 32, 32)
+    # Normalised with ImageNet statistics: a white pixel maps to (1 - mean) / std.
+    white = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
+    assert torch.allclose(image[1].max(), white[1], atol=1e-5)
+
+
+def test_image_folder_metrics_are_top1_top5_and_loss(tmp_path):
+    task = imagefolder_task(write_image_folder(tmp_path / "imagenet"))
+    images, labels = torch.utils.data.default_collate([task.eval_set[i] for i in range(6)])
+    task.model.eval()
+    sums = task.eval_sums(task.model, (images, labels))
+    assert set(sums) == {"loss", "top1", "top5", "count"} and int(sums["count"]) == 6
+    assert int(sums["top5"]) == 6  # three classes: always in the top five
+    assert 0 <= int(sums["top1"]) <= 6 and sums["loss"] > 0
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("missing", "has no train/ and val/ folders; expected <root>/train/<class>/<image>"),
+        ("no_val", "has no train/ and val/ folders"),
+        ("empty", "Couldn't find any class folder"),
+    ],
+)
+def test_a_bad_image_folder_names_the_path_and_the_layout(tmp_path, layout, message):
+    root = tmp_path / "imagenet"
+    if layout == "no_val":
+        (root / "train" / "a").mkdir(parents=True)
+    if layout == "empty":
+        (root / "train").mkdir(parents=True)
+        (root / "val").mkdir()
+    with pytest.raises(DataError, match="task.data.root") as error:
+        imagefolder_task(root)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_more_classes_than_model_outputs_is_refused(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet", per_class=1)
+    cfg_model = {"name": "resnet18", "num_classes": 2}
+    with pytest.raises(DataError, match="set task.model.num_classes=3"):
+        build_task(
+            {
+                "name": "x",
+                "kind": "image_classification",
+                "model": cfg_model,
+                "data": {
+                    "source": "imagefolder",
+                    "root": str(root),
+                    "image_size": 32,
+                    "resize_size": 36,
+                },
+            },
+            seed=0,
+            cache_dir=tmp_path,
+        )
+
+
+def test_digits_default_splits_and_small_resnet():
+    task = build_task(
+        {
+            "name": "digits_resnet",
+            "kind": "image_classification",
+            "model": {
+                "name": "resnet",
+                "block": "basic",
+                "layers": [1, 1, 1, 1],
+                "num_classes": 10,
+                "in_channels": 1,
+                "small_input": True,
+            },
+            "data": {"source": "digits", "eval_fraction": 0.2},
+        },
+        seed=0,
+        cache_dir=Path("unused"),
+    )
+    assert len(task.train_set) + len(task.eval_set) == 1797 and len(task.eval_set) == 360
+    train_images = task.train_set.tensors[0]
+    assert train_images.shape[1:] == (1, 8, 8)
+    assert abs(float(train_images.mean())) < 1e-5 and abs(float(train_images.std()) - 1) < 1e-4
+    # Stratified: every digit is held out in proportion.
+    assert torch.bincount(task.eval_set.tensors[1]).tolist() == pytest.approx([36] * 10, abs=1)
+    logits = task.model(train_images[:4])
+    assert logits.shape == (4, 10)
+
+
+def test_imagenet_config_trains_through_the_cli_on_a_tiny_image_folder(tmp_path):
+    """task=imagenet_resnet50 (ResNet-50, step decay, ImageFolder) with only sizes scaled down."""
+    root = write_image_folder(tmp_path / "imagenet", per_class=2)
+    run_dir = tmp_path / "run"
+    overrides = [
+        "task=imagenet_resnet50",
+        f"task.data.root={root}",
+        "task.model.num_classes=3",
+        "task.data.image_size=32",
+        "task.data.resize_size=36",
+        "trainer.batch_size=6",
+        "trainer.micro_batch_size=3",  # two accumulation steps
+        "trainer.max_steps=2",
+        "trainer.eval_every=1",
+        "trainer.log_every=1",
+        "trainer.num_workers=0",
+        "trainer.bf16=false",
+        "schedule.warmup_steps=1",
+        "schedule.milestones=[1]",
+        "logger=none",
+        "trainer.progress=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "graft.train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["eval/top1"] <= 1 and summary["eval/top5"] == 1
+    assert summary["parameters"] > 23_000_000  # ResNet-50
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # One warmup step at the base lr, then x0.1 from the milestone on.
+    assert [line["train/lr"] for line in lines] == pytest.approx([1e-3, 1e-4])
