@@ -170,6 +170,29 @@ def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path):
     assert without_timing(metric_lines(resumed)) == without_timing(metric_lines(uninterrupted))
 
 
+def test_masked_lm_resume_restores_dropout_and_masking_rng_bit_for_bit(tmp_path):
+    """tiny_bert draws dropout and its training masks from the global RNG: the checkpoint's."""
+    overrides = (
+        "task=tiny_bert",
+        "trainer.batch_size=4",
+        "trainer.max_steps=6",
+        "trainer.eval_batch_size=64",
+        "schedule.warmup_steps=2",
+        f"cache_dir={tmp_path / 'cache'}",
+    )
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    assert train_in_process(uninterrupted, *overrides) == 0
+    assert train_in_process(resumed, *overrides) == 0
+    interrupted_at(resumed, 2)
+    assert train_in_process(resumed, *overrides) == 0
+    expected = load_file(uninterrupted / "model.safetensors")
+    actual = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    lines = without_timing(metric_lines(resumed))
+    assert lines == without_timing(metric_lines(uninterrupted))
+    assert 0 < lines[-1]["eval/accuracy"] < 1 and lines[-1]["eval/loss"] > 0
+
+
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"

@@ -15,7 +15,7 @@ def build_task(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
     """The task described by the `task` config (its `kind` picks the module).
 
     Call after seeding torch: model initialisation draws from the global RNG. `cache_dir`
-    keeps what a task derives once (a trained tokenizer) so a resumed run reuses it.
+    keeps what a task derives once (a trained tokenizer), for every run that shares it.
     """
     kind = cfg["kind"]
     if kind == "image_classification":

@@ -23,6 +23,7 @@ GROUP_FOLDERS = {
 
 # Keys a resumed run may change: they affect logging and speed, not the weights it reaches.
 RESUMABLE_CHANGES = (
+    "cache_dir",
     "logger",
     "trainer.progress",
     "trainer.log_every",

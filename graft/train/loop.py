@@ -75,7 +75,7 @@ def train(
     torch.manual_seed(seed)
     random.seed(seed)
     try:
-        task = build_task(config["task"], seed=seed, cache_dir=run_dir / "cache")
+        task = build_task(config["task"], seed=seed, cache_dir=Path(config["cache_dir"]))
     except DataError as error:
         raise UserError(str(error)) from None
     model = task.model.to(device)
@@ -208,7 +208,7 @@ class Loop:
             disable=not trainer["progress"],
             dynamic_ncols=True,
         )
-        mark = time.perf_counter()  # start of the training time not yet counted
+        mark = time.perf_counter()  # training time is counted up to here
         window = (progress.train_seconds, progress.samples)  # at the last train log line
         self.model.train()
         while progress.step < max_steps:
@@ -248,12 +248,16 @@ class Loop:
                 )
             if due["norms"]:
                 record.update(self.step_norms())
+            paused = time.perf_counter()  # evaluation and checkpoints do not count as training
             if due["eval"]:
                 record.update(self.evaluate())
+            paused = time.perf_counter() - paused
             self.metrics.log(step, record)
             if due["checkpoint"]:
+                started = time.perf_counter()
                 self.save_checkpoint()
-            mark = time.perf_counter()  # logging, evaluation and checkpoints are not training
+                paused += time.perf_counter() - started
+            mark = now + paused  # so the next count includes logging but not the pause
         bar.close()
         return self.final_metrics()
 
