@@ -193,6 +193,16 @@ def test_masked_lm_resume_restores_dropout_and_masking_rng_bit_for_bit(tmp_path)
     assert 0 < lines[-1]["eval/accuracy"] < 1 and lines[-1]["eval/loss"] > 0
 
 
+def test_bf16_channels_last_and_compile_switches(tmp_path):
+    """All three at once on the CPU (torch.compile needs a C++ compiler: about 30 s here)."""
+    switches = ("trainer.bf16=true", "trainer.channels_last=true", "trainer.compile=true")
+    assert train_in_process(tmp_path / "run", *switches, "trainer.max_steps=2") == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and 0 <= summary["eval/top1"] <= 1
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    assert "conv1.weight" in weights  # the model's own names, not the compiled wrapper's
+
+
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
@@ -278,3 +288,19 @@ def test_default_run_directory_is_stable_per_config(tmp_path):
     assert (other / "trainer.batch_size=8,trainer.max_steps=1" / "summary.json").exists()
     again = run()
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+
+
+def test_a_sweep_puts_each_job_where_its_single_run_would_be(tmp_path):
+    command = [sys.executable, "-m", "graft.train", "-m", "optim@magnitude=sgd,adam"]
+    command += ["logger=none", "trainer.progress=false", "trainer.max_steps=1"]
+    sweep = lambda: subprocess.run(  # noqa: E731
+        [*command, "trainer.batch_size=8"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert sweep().returncode == 0
+    for cell in ("sgd#sgd", "adam#sgd"):
+        run_dir = tmp_path / "outputs/digits_resnet" / cell / "seed0"
+        summary = run_dir / "trainer.batch_size=8,trainer.max_steps=1" / "summary.json"
+        assert json.loads(summary.read_text())["cell"] == cell
+    again = sweep()
+    assert again.returncode == 0
+    assert (again.stdout + again.stderr).count("nothing to do") == 2

@@ -110,7 +110,10 @@ def train(
         log.info("resuming %s from step %d", run_dir, progress.step)
     record_config()
 
-    cell = cell_name(config["magnitude"]["name"], config["direction"]["name"], optimizer.grafting())
+    # Named as its run directory is: "adam#adam" even though an identical M#M runs as plain M.
+    cell = cell_name(
+        config["magnitude"]["name"], config["direction"]["name"], config["graft"]["enabled"]
+    )
     metrics = MetricsLog(
         run_dir,
         resume_step=progress.step,
@@ -135,7 +138,12 @@ def train(
         run_dir=run_dir,
         session_start=session_start,
     )
-    summary: dict[str, Any] = {"status": "finished", "cell": cell, "task": task.name}
+    summary: dict[str, Any] = {
+        "status": "finished",
+        "cell": cell,
+        "task": task.name,
+        "grafting": optimizer.grafting(),
+    }
     try:
         with logging_redirect_tqdm():
             summary.update(loop.run(desc=f"{task.name} {cell} seed{seed}"))
