@@ -131,7 +131,6 @@ def train(
         stream=stream,
         accumulation=accumulation,
         device=device,
-        trainer=trainer,
         config=config,
         metrics=metrics,
         progress=progress,
@@ -174,23 +173,26 @@ def train(
     return 0
 
 
+@dataclass
 class Loop:
     """The loop's moving parts and its one `run`."""
 
-    def __init__(self, **parts: Any) -> None:
-        self.__dict__.update(parts)
-        self.task: Task
-        self.model: nn.Module
-        self.forward: nn.Module
-        self.optimizer: Graft
-        self.stream: BatchStream
-        self.trainer: Mapping[str, Any]
-        self.progress: Progress
-        self.device: torch.device
-        self.metrics: MetricsLog
-        self.run_dir: Path
-        self.config: Mapping[str, Any]
-        self.session_start: float
+    task: Task
+    model: nn.Module
+    forward: nn.Module  # the model, or its torch.compile wrapper
+    optimizer: Graft
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: BatchStream
+    accumulation: int
+    device: torch.device
+    config: Mapping[str, Any]
+    metrics: MetricsLog
+    progress: Progress
+    run_dir: Path
+    session_start: float
+
+    def __post_init__(self) -> None:
+        self.trainer = self.config["trainer"]
         self.wall_before = self.progress.wall_seconds
         self.names = {param: name for name, param in self.model.named_parameters()}
         self.eval_batches = DataLoader(
@@ -199,10 +201,10 @@ class Loop:
             collate_fn=self.task.eval_collate or self.task.collate,
             num_workers=self.trainer["num_workers"],
         )
-        self.autocast = lambda: torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.trainer["bf16"]
-        )
-        self.pending: list[Tensor] = []  # losses of the steps since the last check
+        self.pending: list[Tensor] = []  # losses of the steps since the last log line
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.trainer["bf16"])
 
     def run(self, desc: str) -> dict[str, Any]:
         """Train to max_steps; returns the final evaluation and the last logged train loss."""
