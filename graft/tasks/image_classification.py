@@ -28,6 +28,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("digits", "imagefolder")
 RESNET_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+# Normalisation layers of `name: resnet`: BatchNorm as torchvision builds it, or GroupNorm with
+# 32 groups (Wu & He 2018), which does not depend on the batch: a model whose gradient is the
+# same however the batch is split over ranks or accumulation steps.
+RESNET_NORMS = {
+    "batch": nn.BatchNorm2d,
+    "group": lambda channels: nn.GroupNorm(min(32, channels), channels),
+}
 
 
 def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
@@ -60,8 +67,9 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
 
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """`name: resnet` builds torchvision's ResNet class from `block` and `layers` (optionally
-    with `in_channels` and a `small_input` stem: 3x3 stride 1, no max-pool); any other name is
-    a torchvision model (`resnet50`, ...) built untrained with the remaining keywords."""
+    with `norm` batch or group, `in_channels`, and a `small_input` stem: 3x3 stride 1, no
+    max-pool); any other name is a torchvision model (`resnet50`, ...) built untrained with
+    the remaining keywords."""
     options = dict(cfg)
     name = options.pop("name")
     if name != "resnet":
@@ -75,9 +83,17 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     block = options.pop("block")
     if block not in RESNET_BLOCKS:
         raise DataError(f"unknown task.model.block {block!r}; allowed: {', '.join(RESNET_BLOCKS)}")
+    norm = options.pop("norm", "batch")
+    if norm not in RESNET_NORMS:
+        raise DataError(f"unknown task.model.norm {norm!r}; allowed: {', '.join(RESNET_NORMS)}")
     in_channels = options.pop("in_channels", 3)
     small_input = options.pop("small_input", False)
-    model = ResNet(RESNET_BLOCKS[block], list(options.pop("layers")), **options)
+    model = ResNet(
+        RESNET_BLOCKS[block],
+        list(options.pop("layers")),
+        norm_layer=RESNET_NORMS[norm],
+        **options,
+    )
     if small_input or in_channels != 3:
         kernel, stride = (3, 1) if small_input else (7, 2)
         model.conv1 = nn.Conv2d(in_channels, 64, kernel, stride, kernel // 2, bias=False)

@@ -8,6 +8,7 @@ bit-identical to an uninterrupted one; a run that already ended is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -21,17 +22,19 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_model
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from graft.optim import Graft, state_bytes
 from graft.tasks import Batch, DataError, Task, build_task
+from graft.train import distributed
 from graft.train.checkpoints import load_newest_checkpoint, save_checkpoint, write_atomically
 from graft.train.config import cell_name, config_differences
 from graft.train.data import BatchStream
 from graft.train.errors import EXIT_RUN_FAILED, NonFiniteLoss, UserError
-from graft.train.metrics import MetricsLog, read_metrics
+from graft.train.metrics import MetricsLog, NoMetrics
 from graft.train.optimizer import build_optimizer
 from graft.train.provenance import git_sha, hardware, versions
 from graft.train.schedules import build_schedule
@@ -67,18 +70,37 @@ def train(
 
     trainer = config["trainer"]
     check_trainer(trainer)
-    device = resolve_device(trainer["device"])
+    ranks, device = distributed.setup(trainer["backend"], trainer["device"], trainer["timeout_s"])
+    try:
+        return train_ranks(config, run_dir, record_config, checkpoint, ranks, device, session_start)
+    finally:
+        distributed.teardown()
+
+
+def train_ranks(
+    config: Mapping[str, Any],
+    run_dir: Path,
+    record_config: Callable[[], None],
+    checkpoint: Mapping[str, Any] | None,
+    ranks: distributed.Ranks,
+    device: torch.device,
+    session_start: float,
+) -> int:
+    """train() once the process group (if any) is up: every rank runs this."""
+    trainer = config["trainer"]
     micro_batch_size, accumulation = split_batch(
-        trainer["batch_size"], trainer["micro_batch_size"], world_size=1
+        trainer["batch_size"], trainer["micro_batch_size"], ranks.world_size
     )
     seed = trainer["seed"]
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the same model initialisation on every rank
     random.seed(seed)
     try:
         task = build_task(config["task"], seed=seed, cache_dir=Path(config["cache_dir"]))
     except DataError as error:
         raise UserError(str(error)) from None
-    model = task.model.to(device)
+    if ranks.rank:  # dropout and masking: a stream of each rank's own from here on
+        torch.manual_seed(seed + 1_000_003 * ranks.rank)
+    model = task.model.to(device, dtype=DTYPES[trainer["dtype"]])
     if trainer["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
@@ -90,6 +112,8 @@ def train(
         collate=task.collate,
         num_workers=trainer["num_workers"],
         pin_memory=device.type == "cuda",
+        rank=ranks.rank,
+        world_size=ranks.world_size,
     )
     if stream.batches_per_epoch == 0:
         raise UserError(
@@ -97,39 +121,57 @@ def train(
             f"micro-batch of {micro_batch_size}; lower trainer.batch_size or "
             "trainer.micro_batch_size"
         )
+    scaler = torch.amp.GradScaler(device.type, enabled=trainer["fp16"])
     progress = Progress()
     wandb_id = None
     if checkpoint is not None:
+        if len(checkpoint["rng"]) != ranks.world_size:
+            raise UserError(
+                f"{run_dir} was checkpointed by {len(checkpoint['rng'])} ranks and this run has "
+                f"{ranks.world_size}; resume with {len(checkpoint['rng'])} processes"
+            )
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
         stream.load_state_dict(checkpoint["data"])
-        set_rng_state(checkpoint["rng"], device)
+        set_rng_state(checkpoint["rng"][ranks.rank], device)
         progress = Progress(**checkpoint["progress"])
         wandb_id = checkpoint["wandb_id"]
         log.info("resuming %s from step %d", run_dir, progress.step)
-    record_config()
+    if ranks.main:
+        record_config()
+    ddp = None
+    if ranks.distributed:
+        # Built after loading: DDP broadcasts rank 0's weights and buffers to every rank.
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     # Named as its run directory is: "adam#adam" even though an identical M#M runs as plain M.
     cell = cell_name(
         config["magnitude"]["name"], config["direction"]["name"], config["graft"]["enabled"]
     )
-    metrics = MetricsLog(
-        run_dir,
-        resume_step=progress.step,
-        logger=config["logger"],
-        config=config,
-        run_name=f"{cell} seed{seed}",
-        wandb_id=wandb_id,
-    )
+    metrics: MetricsLog | NoMetrics = NoMetrics()
+    if ranks.main:
+        metrics = MetricsLog(
+            run_dir,
+            resume_step=progress.step,
+            logger=config["logger"],
+            config=config,
+            run_name=f"{cell} seed{seed}",
+            wandb_id=wandb_id,
+        )
+    wrapped = ddp or model
     loop = Loop(
         task=task,
         model=model,
-        forward=torch.compile(model) if trainer["compile"] else model,
+        forward=torch.compile(wrapped) if trainer["compile"] else wrapped,
+        ddp=ddp,
         optimizer=optimizer,
         scheduler=scheduler,
+        scaler=scaler,
         stream=stream,
         accumulation=accumulation,
+        ranks=ranks,
         device=device,
         config=config,
         metrics=metrics,
@@ -163,13 +205,19 @@ def train(
         git_sha=git_sha(),
         hardware=hardware(device),
     )
-    if summary["status"] == "finished":
-        write_atomically(run_dir / "model.safetensors", lambda path: save_model(model, str(path)))
-    write_atomically(summary_path, lambda path: path.write_text(json.dumps(summary, indent=2)))
+    if ranks.main:
+        if summary["status"] == "finished":
+            write_atomically(
+                run_dir / "model.safetensors", lambda path: save_model(model, str(path))
+            )
+        write_atomically(
+            run_dir / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2))
+        )
     metrics.close(summary)
     if summary["status"] != "finished":
         return EXIT_RUN_FAILED
-    log.info("finished %s: %s", run_dir, format_metrics(summary))
+    if ranks.main:
+        log.info("finished %s: %s", run_dir, format_metrics(summary))
     return 0
 
 
@@ -179,14 +227,17 @@ class Loop:
 
     task: Task
     model: nn.Module
-    forward: nn.Module  # the model, or its torch.compile wrapper
+    forward: nn.Module  # the model, or its DDP and torch.compile wrappers
+    ddp: DistributedDataParallel | None
     optimizer: Graft
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; a pass-through when off
     stream: BatchStream
     accumulation: int
+    ranks: distributed.Ranks
     device: torch.device
     config: Mapping[str, Any]
-    metrics: MetricsLog
+    metrics: MetricsLog | NoMetrics
     progress: Progress
     run_dir: Path
     session_start: float
@@ -198,13 +249,17 @@ class Loop:
         self.eval_batches = DataLoader(
             self.task.eval_set,
             batch_size=self.trainer["eval_batch_size"],
+            # Each rank scores its share; the sums are added over ranks.
+            sampler=range(self.ranks.rank, len(self.task.eval_set), self.ranks.world_size),
             collate_fn=self.task.eval_collate or self.task.collate,
             num_workers=self.trainer["num_workers"],
         )
         self.pending: list[Tensor] = []  # losses of the steps since the last log line
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.trainer["bf16"])
+        dtype = torch.float16 if self.trainer["fp16"] else torch.bfloat16
+        enabled = self.trainer["bf16"] or self.trainer["fp16"]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     def run(self, desc: str) -> dict[str, Any]:
         """Train to max_steps; returns the final evaluation and the last logged train loss."""
@@ -220,6 +275,7 @@ class Loop:
         )
         mark = time.perf_counter()  # training time is counted up to here
         window = (progress.train_seconds, progress.samples)  # at the last train log line
+        final: dict[str, Any] = {}
         self.model.train()
         while progress.step < max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -262,6 +318,7 @@ class Loop:
             if due["eval"]:
                 record.update(self.evaluate())
             paused = time.perf_counter() - paused
+            final = {k: v for k, v in record.items() if k.startswith(("eval/", "train/loss"))}
             self.metrics.log(step, record)
             if due["checkpoint"]:
                 started = time.perf_counter()
@@ -269,25 +326,32 @@ class Loop:
                 paused += time.perf_counter() - started
             mark = now + paused  # so the next count includes logging but not the pause
         bar.close()
-        return self.final_metrics()
+        if not final:  # resumed from the last step's checkpoint: evaluate again (same result)
+            final = self.evaluate()
+        return final
 
     def train_step(self) -> Tensor:
         """One optimizer step over `accumulation` micro-batches; the step's mean loss."""
         total = torch.zeros((), device=self.device)
-        for _ in range(self.accumulation):
-            batch = self.to_device(next(self.stream))
-            with self.autocast():
-                loss = self.task.loss(self.forward, batch)
-            (loss / self.accumulation).backward()
+        for micro_step in range(self.accumulation):
+            # DDP all-reduces gradients on the last micro-batch only.
+            last = micro_step == self.accumulation - 1
+            with contextlib.nullcontext() if last or not self.ddp else self.ddp.no_sync():
+                batch = self.to_device(next(self.stream))
+                with self.autocast():
+                    loss = self.task.loss(self.forward, batch)
+                self.scaler.scale(loss / self.accumulation).backward()
             total += loss.detach().float()
-        self.optimizer.step()
+        # With fp16, unscaled before Graft measures anything; on inf/NaN neither M nor D steps.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / self.accumulation
 
     def checked_losses(self) -> Tensor:
         """Losses of the steps since the last log line; NonFiniteLoss names the first bad one."""
-        losses = torch.stack(self.pending)
+        losses = distributed.all_mean(torch.stack(self.pending))  # every rank stops together
         finite = torch.isfinite(losses)
         if not bool(finite.all()):
             first = int((~finite).nonzero()[0])
@@ -316,32 +380,23 @@ class Loop:
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0) + value.detach().double()
         self.model.train()
+        totals = {key: distributed.all_sum(value) for key, value in totals.items()}
         count = totals.pop("count")
         return {f"eval/{key}": (value / count).item() for key, value in totals.items()}
 
-    def final_metrics(self) -> dict[str, Any]:
-        """The last step's evaluation and last train loss, as metrics.jsonl records them."""
-        lines = read_metrics(self.metrics.path)
-        final = {}
-        for line in lines:
-            if line["step"] == self.progress.step:
-                final.update((key, value) for key, value in line.items() if key.startswith("eval/"))
-            if "train/loss" in line:
-                final["train/loss"] = line["train/loss"]
-        if not any(key.startswith("eval/") for key in final):  # not logged before a crash
-            evaluation = self.evaluate()
-            self.metrics.log(self.progress.step, evaluation)
-            final.update(evaluation)
-        return final
-
     def save_checkpoint(self) -> None:
+        """Rank 0 writes; every rank's RNG state goes in (a collective: all ranks call this)."""
+        rng = distributed.gather(rng_state(self.device))
+        if not self.ranks.main:
+            return
         self.progress.wall_seconds = self.wall_seconds()
         payload = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.stream.state_dict(),
-            "rng": rng_state(self.device),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
             "progress": asdict(self.progress),
             "wandb_id": self.metrics.wandb_id,
             "config": dict(self.config),
@@ -360,6 +415,8 @@ class Loop:
         """Tensors (in tuples, lists or dicts) onto the device; images channels-last if set."""
         if isinstance(batch, Tensor):
             batch = batch.to(self.device, non_blocking=True)
+            if batch.is_floating_point():
+                batch = batch.to(DTYPES[self.trainer["dtype"]])
             if self.trainer["channels_last"] and batch.ndim == 4 and batch.is_floating_point():
                 batch = batch.contiguous(memory_format=torch.channels_last)
             return batch
@@ -409,6 +466,9 @@ def refuse_other_config(
         )
 
 
+# Parameter dtypes (trainer.dtype): float64 is for exactness checks, such as DDP = one process.
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
 # trainer keys checked before anything is built: (test, what is allowed)
 TRAINER_LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
@@ -422,9 +482,11 @@ TRAINER_LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "keep_checkpoints": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "num_workers": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "timeout_s": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (seconds)"),
+    "dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
     **{
         switch: (lambda v: isinstance(v, bool), "true or false")
-        for switch in ("bf16", "channels_last", "compile", "decay_1d", "progress")
+        for switch in ("bf16", "fp16", "channels_last", "compile", "decay_1d", "progress")
     },
 }
 
@@ -433,21 +495,8 @@ def check_trainer(trainer: Mapping[str, Any]) -> None:
     for key, (ok, allowed) in TRAINER_LIMITS.items():
         if not ok(trainer[key]):
             raise UserError(f"trainer.{key}={trainer[key]!r} is invalid; allowed: {allowed}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto: the current CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(
-            f"trainer.device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name!r} but no CUDA device is visible; use auto or cpu")
-    return device
+    if trainer["bf16"] and trainer["fp16"]:
+        raise UserError("trainer.bf16 and trainer.fp16 are both true; choose one")
 
 
 def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:

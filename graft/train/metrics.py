@@ -138,3 +138,15 @@ def start_wandb(
         mode=mode,
         config=dict(config),
     )
+
+
+class NoMetrics:
+    """What ranks other than 0 log to: nothing."""
+
+    wandb_id = None
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self, summary: Mapping[str, Any] | None = None) -> None:
+        pass

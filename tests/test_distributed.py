@@ -1,0 +1,165 @@
+"""Data parallelism on the CPU (gloo): DDP = one process, accumulation = one batch, a dead rank
+ends the job, fp16 overflow skips the grafted step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
+
+from graft import Graft
+from tests.test_train import train_in_process
+
+# GroupNorm: the gradient does not depend on how the batch is split; fp64: no rounding drift.
+EXACT = ["task.model.norm=group", "trainer.dtype=float64", "trainer.eval_every=0"]
+TINY = ["logger=none", "trainer.progress=false", "trainer.log_every=5"]
+
+
+def torchrun(run_dir: Path, *overrides: str, processes: int = 2) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    command += ["-m", "graft.train", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run_dir.parent
+    )
+
+
+def relative_differences(a: Path, b: Path) -> dict[str, float]:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return {
+        key: float((first[key] - second[key]).norm() / first[key].norm())
+        for key in first
+        if first[key].is_floating_point() and first[key].norm() > 0
+    }
+
+
+def test_two_ranks_at_half_batch_equal_one_process_at_the_full_batch(tmp_path):
+    overrides = [*EXACT, "trainer.batch_size=16", "trainer.max_steps=20"]
+    job = torchrun(tmp_path / "two_ranks", *overrides)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output
+    assert train_in_process(tmp_path / "one_process", *overrides) == 0
+    differences = relative_differences(tmp_path / "one_process", tmp_path / "two_ranks")
+    assert max(differences.values()) < 1e-6, max(differences.items(), key=lambda kv: kv[1])
+    # Rank 0 alone wrote the run's files: one line per logged step.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two_ranks/metrics.jsonl").open()]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_accumulation_of_two_half_batches_equals_one_batch(tmp_path):
+    overrides = [*EXACT, *TINY, "trainer.batch_size=16", "trainer.max_steps=20"]
+    assert train_in_process(tmp_path / "one_batch", *overrides) == 0
+    assert train_in_process(tmp_path / "accumulated", *overrides, "trainer.micro_batch_size=8") == 0
+    differences = relative_differences(tmp_path / "one_batch", tmp_path / "accumulated")
+    assert max(differences.values()) < 1e-6
+
+
+def grafted_norms_on_rank(rank: int, world_size: int, port: int, results: Path) -> None:
+    """One DDP rank: a few adam#sgd steps on its own data; saves its last norms."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    )
+    optimizer = Graft(model.parameters(), {"name": "adam", "lr": 1e-2}, {"name": "sgd", "lr": 0.1})
+    data = torch.Generator().manual_seed(100 + rank)  # each rank sees different samples
+    for _ in range(3):
+        model(torch.randn(4, 6, generator=data)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    norms = optimizer.last_norms
+    torch.save({"magnitude": norms.magnitude, "direction": norms.direction}, results / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_rank_computes_the_same_grafting_norms(tmp_path):
+    """DDP averages gradients before Graft sees them, so no rank needs another's norms."""
+    mp.spawn(grafted_norms_on_rank, args=(2, 29511, tmp_path), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    assert torch.equal(rank0["magnitude"], rank1["magnitude"])
+    assert torch.equal(rank0["direction"], rank1["direction"])
+    assert not torch.equal(rank0["magnitude"], rank0["direction"])
+
+
+def worker_pids(parent: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def test_a_killed_rank_ends_the_job_promptly_and_a_rerun_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.batch_size=8", "trainer.max_steps=300", "trainer.checkpoint_every=5"]
+    overrides += ["trainer.eval_every=0", "trainer.timeout_s=30"]
+    job = torchrun(run_dir, *overrides)
+    first_checkpoint = run_dir / "checkpoints" / "step_00000005.pt"
+    deadline = time.monotonic() + 120
+    while not first_checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first_checkpoint.exists(), job.communicate(timeout=60)[0]
+    workers = worker_pids(job.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.monotonic() - killed_at < 60
+    assert "SIGKILL" in output or "Signal 9" in output, output[-2000:]
+    assert not (run_dir / "summary.json").exists()
+
+    rerun = torchrun(run_dir, *overrides)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output[-3000:]
+    assert "resuming" in output
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 300
+
+
+def test_fp16_overflow_skips_the_step_and_leaves_both_states_untouched():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = Graft(model.parameters(), {"name": "adam", "lr": 1e-2}, {"name": "sgd", "lr": 0.1})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+    def step(inject_inf: bool) -> None:
+        loss = model(torch.randn(8, 4)).square().mean()
+        scaler.scale(loss).backward()
+        if inject_inf:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(optimizer)  # unscales first: Graft would measure true gradients
+        scaler.update()
+        optimizer.zero_grad()
+
+    step(inject_inf=False)
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for p in model.parameters() for k, v in flat_state(optimizer, p)}
+    scale = scaler.get_scale()
+    step(inject_inf=True)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    after = {k: v for p in model.parameters() for k, v in flat_state(optimizer, p)}
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert scaler.get_scale() == scale / 2  # the scale backs off
+    step(inject_inf=False)
+    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def flat_state(optimizer: Graft, param: torch.Tensor):
+    for side in ("magnitude", "direction"):
+        for key, value in optimizer.state[param][side].items():
+            yield f"{id(param)}/{side}/{key}", value
+
+
+@pytest.mark.parametrize("precision", ["trainer.fp16=true", "trainer.bf16=true"])
+def test_the_trainer_runs_in_mixed_precision(tmp_path, precision):
+    assert train_in_process(tmp_path / "run", precision, "trainer.max_steps=3") == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 3
