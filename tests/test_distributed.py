@@ -99,7 +99,7 @@ def worker_pids(parent: int) -> list[int]:
 
 def test_a_killed_rank_ends_the_job_promptly_and_a_rerun_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    overrides = ["trainer.batch_size=8", "trainer.max_steps=300", "trainer.checkpoint_every=5"]
+    overrides = ["trainer.batch_size=8", "trainer.max_steps=100", "trainer.checkpoint_every=5"]
     overrides += ["trainer.eval_every=0", "trainer.timeout_s=30"]
     job = torchrun(run_dir, *overrides)
     first_checkpoint = run_dir / "checkpoints" / "step_00000005.pt"
@@ -121,7 +121,7 @@ def test_a_killed_rank_ends_the_job_promptly_and_a_rerun_resumes(tmp_path):
     output, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, output[-3000:]
     assert "resuming" in output
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 300
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 100
 
 
 def test_fp16_overflow_skips_the_step_and_leaves_both_states_untouched():
@@ -163,3 +163,30 @@ def test_the_trainer_runs_in_mixed_precision(tmp_path, precision):
     assert train_in_process(tmp_path / "run", precision, "trainer.max_steps=3") == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 3
+
+
+def test_the_submitit_launcher_runs_one_cell_as_a_two_rank_job(tmp_path):
+    """hydra-submitit-launcher's local executor, as its Slurm one would: ranks from its env."""
+    command = [sys.executable, "-m", "graft.train", "-m", "hydra/launcher=submitit_local"]
+    command += ["hydra.launcher.tasks_per_node=2", *TINY, "trainer.max_steps=4"]
+    command += ["trainer.batch_size=8", "trainer.eval_every=0"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    logs = "".join(path.read_text() for path in tmp_path.glob("outputs/.submitit/*/*_log.out"))
+    assert "rank 0 of 2 (gloo)" in logs and "rank 1 of 2 (gloo)" in logs
+    summaries = list(tmp_path.glob("outputs/digits_resnet/adam#sgd/seed0/*/summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["steps"] == 4
+
+
+def test_the_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from graft.train.config import CONFIGS, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0

@@ -10,6 +10,7 @@ and computes the same grafting norms and the same step: no extra communication f
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from graft.train.errors import UserError
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -80,6 +83,7 @@ def setup(backend: str, device_name: str, timeout_s: int) -> tuple[Ranks, torch.
             timeout=timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
+        log.info("rank %d of %d (%s) on %s", ranks.rank, ranks.world_size, chosen, device)
     return ranks, device
 
 
