@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from graft import Graft
+from graft.train.errors import UserError
 from tests.test_train import train_in_process
 
 # GroupNorm: the gradient does not depend on how the batch is split; fp64: no rounding drift.
@@ -45,6 +47,7 @@ def relative_differences(a: Path, b: Path) -> dict[str, float]:
 
 def test_two_ranks_at_half_batch_equal_one_process_at_the_full_batch(tmp_path):
     overrides = [*EXACT, "trainer.batch_size=16", "trainer.max_steps=20"]
+    overrides.append("trainer.checkpoint_every=10")
     job = torchrun(tmp_path / "two_ranks", *overrides)
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 0, output
@@ -54,6 +57,22 @@ def test_two_ranks_at_half_batch_equal_one_process_at_the_full_batch(tmp_path):
     # Rank 0 alone wrote the run's files: one line per logged step.
     steps = [json.loads(line)["step"] for line in (tmp_path / "two_ranks/metrics.jsonl").open()]
     assert steps == [5, 10, 15, 20]
+
+    # Resumed from step 10 with the same two ranks: the same weights, bit for bit.
+    (tmp_path / "resumed").mkdir()
+    for item in (".hydra", "checkpoints"):
+        shutil.copytree(tmp_path / "two_ranks" / item, tmp_path / "resumed" / item)
+    (tmp_path / "resumed/checkpoints/step_00000020.pt").unlink()
+    job = torchrun(tmp_path / "resumed", *overrides)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0 and "resuming" in output, output
+    assert set(relative_differences(tmp_path / "two_ranks", tmp_path / "resumed").values()) == {0}
+
+    # One process cannot take over two ranks' data positions and RNG streams.
+    (tmp_path / "resumed/summary.json").unlink()
+    (tmp_path / "resumed/checkpoints/step_00000020.pt").unlink()
+    with pytest.raises(UserError, match="by 2 ranks and this run has 1; resume with 2"):
+        train_in_process(tmp_path / "resumed", *overrides)
 
 
 def test_accumulation_of_two_half_batches_equals_one_batch(tmp_path):
