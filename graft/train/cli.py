@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -95,9 +96,12 @@ def run_hydra(cfg: DictConfig) -> None:
             OmegaConf.create(list(hydra_config.overrides.task)), record / "overrides.yaml"
         )
 
+    sweeping = hydra_config.mode == RunMode.MULTIRUN
     try:
         code = train(config, run_dir, record_config)
     except UserError as error:
+        if sweeping:  # one bad job: Hydra records it and the sweep goes on
+            raise
         exit_with(error)
-    if code:
+    if code and not sweeping:  # a failed job of a sweep is recorded in its summary.json
         sys.exit(code)

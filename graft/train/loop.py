@@ -35,7 +35,7 @@ from graft.train.config import cell_name, config_differences
 from graft.train.data import BatchStream
 from graft.train.errors import EXIT_RUN_FAILED, NonFiniteLoss, UserError
 from graft.train.metrics import MetricsLog, NoMetrics
-from graft.train.optimizer import build_optimizer
+from graft.train.optimizer import build_optimizer, optimizer_specs
 from graft.train.provenance import git_sha, hardware, versions
 from graft.train.schedules import build_schedule
 
@@ -200,6 +200,7 @@ def train_ranks(
         train_seconds=round(progress.train_seconds, 3),
         samples_per_s=round(progress.samples / max(progress.train_seconds, 1e-9), 2),
         optimizer_state_bytes=state_bytes(optimizer),
+        optimizers=dict(zip(("magnitude", "direction"), optimizer_specs(config))),
         parameters=sum(param.numel() for param in model.parameters()),
         versions=versions(),
         git_sha=git_sha(),

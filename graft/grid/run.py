@@ -1,0 +1,114 @@
+"""`graft-grid [EXPERIMENT] [overrides]`: every M#D cell x seed of an experiment, then its table.
+
+The cells run as one Hydra multirun of graft-train (the basic launcher by default, or
+`hydra/launcher=slurm`), each in `outputs/<experiment>/<M>#<D>/seed<k>/`. The trainer skips
+finished runs and resumes unfinished ones, so rerunning a grid picks up where it stopped; a cell
+that fails is recorded and the others still run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from graft.grid.experiment import Experiment, load_experiment
+from graft.grid.table import RESULTS, write_results
+from graft.train.cli import check_overrides
+from graft.train.config import flatten
+from graft.train.errors import EXIT_USER_ERROR, UserError
+
+DEFAULT_EXPERIMENT = "digits_resnet"
+OUTPUTS = Path("outputs")
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    named = [arg for arg in args if "=" not in arg and not arg.startswith("-")]
+    overrides = [arg for arg in args if arg not in named]
+    try:
+        if len(named) > 1:
+            raise UserError(f"one experiment at a time, got {', '.join(named)}")
+        experiment = load_experiment(named[0] if named else DEFAULT_EXPERIMENT)
+        run_grid(experiment, overrides)
+    except UserError as error:
+        print(f"graft-grid: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def cell_overrides(experiment: Experiment, extra: list[str]) -> list[str]:
+    """The overrides every cell shares (the sweep adds M, D and the seed)."""
+    return [
+        f"task={experiment.task}",
+        *experiment.optimizer_overrides(),
+        *experiment.overrides,
+        *extra,
+    ]
+
+
+def run_grid(
+    experiment: Experiment,
+    extra: list[str],
+    outputs: Path = OUTPUTS,
+    results_root: Path = RESULTS,
+) -> Path:
+    """Run (or resume) every cell x seed of `experiment`; write and print its table."""
+    shared = cell_overrides(experiment, extra)
+    magnitude, direction = experiment.cells()[0]
+    # One representative cell composes first: a bad override fails here, not in every job.
+    check_overrides(
+        [f"optim@magnitude={magnitude}", f"optim@direction={direction}", *shared],
+        compose_too=not any(item.startswith("hydra/launcher") for item in shared),
+    )
+    sweep_dir = outputs / experiment.name
+    refuse_another_version(experiment, extra, sweep_dir)
+    command = [
+        sys.executable,
+        "-m",
+        "graft.train",
+        "--multirun",
+        f"optim@magnitude={','.join(experiment.magnitudes)}",
+        f"optim@direction={','.join(experiment.directions)}",
+        f"trainer.seed={','.join(map(str, experiment.seeds))}",
+        *shared,
+        f"++logger.group={experiment.name}",
+        f"hydra.sweep.dir={sweep_dir.resolve()}",
+        "hydra.sweep.subdir='${cell:${magnitude.name},${direction.name},true}/seed${trainer.seed}'",
+    ]
+    cells = len(experiment.cells()) * len(experiment.seeds)
+    print(f"graft-grid: {experiment.name}: {cells} runs in {sweep_dir}/", flush=True)
+    finished = subprocess.run(command)
+    if finished.returncode:
+        print(f"graft-grid: some runs failed (exit {finished.returncode}); see the table")
+    results = write_results(experiment, sweep_dir, results_root)
+    print((results / "table.md").read_text(), flush=True)
+    return results
+
+
+def refuse_another_version(experiment: Experiment, extra: list[str], sweep_dir: Path) -> None:
+    """Keep one experiment version (file and command-line overrides) per output folder."""
+    recorded = sweep_dir / "experiment.yaml"
+    current = {**OmegaConf.to_container(OmegaConf.load(experiment.source)), "command_line": extra}
+    if recorded.exists():
+        before = flatten(OmegaConf.to_container(OmegaConf.load(recorded)))
+        after = flatten(current)
+        changed = sorted(
+            key
+            for key in before.keys() | after.keys()
+            if before.get(key) != after.get(key)
+            and not key.startswith(("description", "reference"))  # wording, not the runs
+        )
+        if changed:
+            raise UserError(
+                f"{sweep_dir} holds runs of another version of {experiment.name} (changed: "
+                f"{', '.join(changed[:4])}); move that folder away to start fresh"
+            )
+        return
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(current), recorded)
+
+
+if __name__ == "__main__":
+    main()

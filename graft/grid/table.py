@@ -1,0 +1,268 @@
+"""`graft-table EXPERIMENT`: an experiment's runs gathered into results/<experiment>/.
+
+Written there: table.md (rows M, columns D, mean ± std over seeds, the paper's number beside ours
+where known, and for every off-diagonal cell whether M#D lands closer to M#M or to D#D),
+table.csv, table.tex, heatmap.png (the headline metric), curves.png (training loss per cell) and
+provenance.json (git SHA, versions, hardware, wall time, every run's resolved config).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from graft.grid.experiment import Experiment, load_experiment
+from graft.train.config import cell_name
+from graft.train.errors import EXIT_USER_ERROR, UserError
+from graft.train.metrics import read_metrics
+from graft.train.provenance import git_sha, versions
+
+RESULTS = Path(__file__).resolve().parents[2] / "results"
+
+
+@dataclass
+class Cell:
+    """One M#D cell's runs: finished metrics per seed, and what failed."""
+
+    magnitude: str
+    direction: str
+    values: dict[str, list[float]]  # metric -> one value per finished seed
+    failures: list[str]  # "seed k: why"
+    run_dirs: list[Path]
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.magnitude, self.direction, True)
+
+    def mean(self, metric: str) -> float | None:
+        values = self.values.get(metric) or []
+        return statistics.fmean(values) if values else None
+
+    def text(self, metric: str, reference: float | None) -> str:
+        values = self.values.get(metric) or []
+        if not values:
+            return "failed: " + "; ".join(self.failures) if self.failures else "not run"
+        spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        shown = f"{statistics.fmean(values):.4f}{spread}"
+        if reference is not None:
+            shown += f" (paper {reference})"
+        if self.failures:
+            shown += f" ({len(self.failures)} failed)"
+        return shown
+
+
+def gather(experiment: Experiment, sweep_dir: Path) -> list[Cell]:
+    cells = []
+    for magnitude, direction in experiment.cells():
+        cell = Cell(magnitude, direction, {m: [] for m in experiment.metrics}, [], [])
+        for seed in experiment.seeds:
+            run_dir = sweep_dir / cell.name / f"seed{seed}"
+            summary_path = run_dir / "summary.json"
+            if not summary_path.exists():
+                cell.failures.append(f"seed {seed}: no summary.json (see {run_dir}/train.log)")
+                continue
+            summary = json.loads(summary_path.read_text())
+            if summary["status"] != "finished":
+                cell.failures.append(f"seed {seed}: {summary.get('error', summary['status'])}")
+                continue
+            cell.run_dirs.append(run_dir)
+            for metric in experiment.metrics:
+                if metric in summary:
+                    cell.values[metric].append(summary[metric])
+        cells.append(cell)
+    return cells
+
+
+def closer_to(experiment: Experiment, cells: list[Cell]) -> list[str]:
+    """For each off-diagonal M#D: is its headline metric nearer M#M's or D#D's?"""
+    metric = experiment.metrics[0]
+    by_name = {cell.name: cell.mean(metric) for cell in cells}
+    lines = []
+    for cell in cells:
+        m, d = cell.magnitude, cell.direction
+        mine, own_m, own_d = by_name[cell.name], by_name.get(f"{m}#{m}"), by_name.get(f"{d}#{d}")
+        if m == d or None in (mine, own_m, own_d):
+            continue
+        to_m, to_d = abs(mine - own_m), abs(mine - own_d)
+        verdict = "M#M (the magnitude's)" if to_m < to_d else "D#D (the direction's)"
+        if to_m == to_d:
+            verdict = "both equally"
+        lines.append(
+            f"- {cell.name}: {mine:.4f} is closer to {verdict}: |Δ| to {m}#{m} {to_m:.4f}, "
+            f"to {d}#{d} {to_d:.4f}"
+        )
+    return lines
+
+
+def markdown(experiment: Experiment, cells: list[Cell]) -> str:
+    by_name = {cell.name: cell for cell in cells}
+    parts = [f"# {experiment.name}\n", experiment.description.strip() + "\n"]
+    for metric in experiment.metrics:
+        parts.append(
+            f"\n## {metric} (mean ± std over seeds {experiment.seeds}; rows M, columns D)\n"
+        )
+        parts.append("| M \\ D | " + " | ".join(experiment.directions) + " |")
+        parts.append("|---|" + "---|" * len(experiment.directions))
+        for m in experiment.magnitudes:
+            row = []
+            for d in experiment.directions:
+                name = cell_name(m, d, True)
+                reference = experiment.reference.get(name, {}).get(metric)
+                row.append(by_name[name].text(metric, reference))
+            parts.append(f"| **{m}** | " + " | ".join(row) + " |")
+    parts.append(
+        f"\nThe diagonal M#M is plain M. Closer to the magnitude's or the direction's own result "
+        f"({experiment.metrics[0]}), the paper's claim being that the magnitude decides:\n"
+    )
+    parts.extend(closer_to(experiment, cells) or ["- (needs the diagonal cells)"])
+    return "\n".join(parts) + "\n"
+
+
+def write_csv(path: Path, experiment: Experiment, cells: list[Cell]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["magnitude", "direction", "metric", "mean", "std", "seeds", "reference"])
+        for cell in cells:
+            for metric in experiment.metrics:
+                values = cell.values.get(metric) or []
+                writer.writerow(
+                    [
+                        cell.magnitude,
+                        cell.direction,
+                        metric,
+                        statistics.fmean(values) if values else "",
+                        statistics.stdev(values) if len(values) > 1 else "",
+                        len(values),
+                        experiment.reference.get(cell.name, {}).get(metric, ""),
+                    ]
+                )
+
+
+def latex(experiment: Experiment, cells: list[Cell]) -> str:
+    metric = experiment.metrics[0]
+    by_name = {cell.name: cell for cell in cells}
+    lines = [
+        "% " + f"{experiment.name}: {metric}, mean ± std over seeds; rows M, columns D",
+        "\\begin{tabular}{l" + "c" * len(experiment.directions) + "}",
+        "M \\textbackslash{} D & " + " & ".join(experiment.directions) + " \\\\",
+        "\\hline",
+    ]
+    for m in experiment.magnitudes:
+        row = []
+        for d in experiment.directions:
+            values = by_name[cell_name(m, d, True)].values.get(metric) or []
+            spread = f" $\\pm$ {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+            row.append(f"{statistics.fmean(values):.4f}{spread}" if values else "--")
+        lines.append(f"{m} & " + " & ".join(row) + " \\\\")
+    lines.append("\\end{tabular}")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: Path, experiment: Experiment, cells: list[Cell]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metric = experiment.metrics[0]
+    grid = np.array(
+        [
+            [np.nan if (v := cell.mean(metric)) is None else v for cell in row]
+            for row in chunks(cells, len(experiment.directions))
+        ]
+    )
+    figure, axes = plt.subplots(
+        figsize=(1.6 * len(experiment.directions) + 2, 1.2 * len(grid) + 1.5)
+    )
+    image = axes.imshow(grid, cmap="viridis")
+    axes.set_xticks(range(len(experiment.directions)), experiment.directions)
+    axes.set_yticks(range(len(experiment.magnitudes)), experiment.magnitudes)
+    axes.set_xlabel("direction D")
+    axes.set_ylabel("magnitude M")
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            axes.text(j, i, f"{value:.3f}", ha="center", va="center", color="w")
+    figure.colorbar(image, label=metric)
+    axes.set_title(f"{experiment.name}: {metric}")
+    figure.tight_layout()
+    figure.savefig(results / "heatmap.png", dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for cell in cells:
+        if not cell.run_dirs:
+            continue
+        lines = [
+            line
+            for line in read_metrics(cell.run_dirs[0] / "metrics.jsonl")
+            if "train/loss" in line
+        ]
+        axes.plot(
+            [line["step"] for line in lines],
+            [line["train/loss"] for line in lines],
+            label=cell.name,
+            linestyle="-" if cell.magnitude == cell.direction else "--",
+        )
+    axes.set_xlabel("step")
+    axes.set_ylabel("train/loss")
+    axes.set_yscale("log")
+    axes.set_title(f"{experiment.name}: training loss (seed {experiment.seeds[0]})")
+    axes.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(results / "curves.png", dpi=120)
+    plt.close(figure)
+
+
+def chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[index : index + size] for index in range(0, len(items), size)]
+
+
+def write_results(experiment: Experiment, sweep_dir: Path, results_root: Path = RESULTS) -> Path:
+    """Gather the runs under sweep_dir and write results/<experiment>/; its path."""
+    cells = gather(experiment, sweep_dir)
+    results = results_root / experiment.name
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "table.md").write_text(markdown(experiment, cells))
+    write_csv(results / "table.csv", experiment, cells)
+    (results / "table.tex").write_text(latex(experiment, cells))
+    plots(results, experiment, cells)
+    runs = [run_dir for cell in cells for run_dir in cell.run_dirs]
+    summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in runs]
+    provenance = {
+        "experiment": OmegaConf.to_container(OmegaConf.load(experiment.source)),
+        "git_sha": git_sha(),
+        "versions": versions(),
+        "hardware": summaries[0]["hardware"] if summaries else None,
+        "wall_seconds": round(sum(s["wall_seconds"] for s in summaries), 1),
+        "runs": {
+            str(run_dir): OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra/config.yaml"))
+            for run_dir in runs
+        },
+    }
+    (results / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+    return results
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    try:
+        if len(args) != 1:
+            raise UserError("usage: graft-table EXPERIMENT (a name in experiments/ or a path)")
+        experiment = load_experiment(args[0])
+        results = write_results(experiment, Path("outputs") / experiment.name)
+    except UserError as error:
+        print(f"graft-table: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    print((results / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""graft-grid and graft-table on a 2x2 grid of a few steps: runs, reruns, failures, tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graft.grid.experiment import available, load_experiment
+from graft.grid.run import run_grid
+from graft.train.errors import UserError
+
+TINY_EXPERIMENT = """
+name: tiny
+description: A 2x2 grid of a few steps.
+task: digits_resnet
+grid:
+  magnitude: [sgd, adam]
+  direction: [sgd, adam]
+seeds: [0, 1]
+optimizers:
+  sgd: {{lr: {sgd_lr}, momentum: 0.5}}
+overrides: [trainer.max_steps=3, trainer.batch_size=8, logger=none, trainer.progress=false,
+            trainer.log_every=1, trainer.log_norms_every=1]
+metrics: [eval/top1, eval/loss]
+reference:
+  "adam#adam": {{eval/top1: 0.5}}
+"""
+
+
+def write_experiment(folder: Path, sgd_lr: float = 0.05) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(TINY_EXPERIMENT.format(sgd_lr=sgd_lr))
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("grid")
+    experiment = load_experiment(str(write_experiment(folder)))
+    results = run_grid(experiment, [], outputs=folder / "outputs", results_root=folder / "results")
+    return folder, results
+
+
+def test_every_cell_and_seed_runs_in_its_stable_folder(grid):
+    folder, _ = grid
+    for cell in ("sgd#sgd", "sgd#adam", "adam#sgd", "adam#adam"):
+        for seed in (0, 1):
+            summary = json.loads(
+                (folder / f"outputs/tiny/{cell}/seed{seed}/summary.json").read_text()
+            )
+            assert summary["status"] == "finished" and summary["cell"] == cell
+    # The experiment's per-optimizer settings reach every cell where that optimizer is used.
+    summary = json.loads((folder / "outputs/tiny/adam#sgd/seed0/summary.json").read_text())
+    assert summary["optimizers"]["direction"]["momentum"] == 0.5
+    assert summary["optimizers"]["magnitude"]["lr"] == 1e-3
+
+
+def test_the_table_has_every_cell_mean_and_spread_and_the_closer_to_note(grid):
+    folder, results = grid
+    table = (results / "table.md").read_text()
+    assert "| M \\ D | sgd | adam |" in table and "(paper 0.5)" in table
+    rows = [line for line in table.splitlines() if line.startswith("| **")]
+    assert sum(row.count(" ± ") for row in rows) == 8  # 4 cells x 2 metrics, 2 seeds each
+    assert "- sgd#adam: " in table and "- adam#sgd: " in table and "closer to" in table
+    rows = list(csv.DictReader((results / "table.csv").open()))
+    assert len(rows) == 8 and {row["seeds"] for row in rows} == {"2"}
+    top1 = json.loads((folder / "outputs/tiny/adam#sgd/seed1/summary.json").read_text())[
+        "eval/top1"
+    ]
+    values = [
+        float(r["mean"])
+        for r in rows
+        if r["magnitude"] == "adam" and r["direction"] == "sgd" and r["metric"] == "eval/top1"
+    ]
+    first = json.loads((folder / "outputs/tiny/adam#sgd/seed0/summary.json").read_text())[
+        "eval/top1"
+    ]
+    assert values == [pytest.approx((top1 + first) / 2)]
+    assert "\\begin{tabular}" in (results / "table.tex").read_text()
+    for image in ("heatmap.png", "curves.png"):
+        assert (results / image).read_bytes()[:4] == b"\x89PNG"
+    provenance = json.loads((results / "provenance.json").read_text())
+    assert len(provenance["runs"]) == 8 and provenance["experiment"]["name"] == "tiny"
+
+
+def test_a_rerun_skips_finished_cells(grid, capfd):
+    folder, results = grid
+    before = (results / "table.md").read_text()
+    experiment = load_experiment(str(folder / "tiny.yaml"))
+    run_grid(experiment, [], outputs=folder / "outputs", results_root=folder / "results")
+    assert capfd.readouterr().out.count("nothing to do") == 8
+    assert (results / "table.md").read_text() == before
+
+
+def test_another_version_of_the_experiment_is_refused(grid):
+    folder, _ = grid
+    changed = tmp = folder / "changed"
+    tmp.mkdir(exist_ok=True)
+    experiment = load_experiment(str(write_experiment(changed, sgd_lr=0.5)))
+    with pytest.raises(
+        UserError, match="holds runs of another version of tiny .*optimizers.sgd.lr"
+    ):
+        run_grid(experiment, [], outputs=folder / "outputs", results_root=folder / "results")
+
+
+def test_a_failing_cell_is_recorded_and_the_others_still_run(tmp_path):
+    experiment = load_experiment(str(write_experiment(tmp_path, sgd_lr=1e30)))
+    results = run_grid(
+        experiment, ["graft=off"], outputs=tmp_path / "outputs", results_root=tmp_path / "results"
+    )
+    table = (results / "table.md").read_text()
+    assert "failed: seed 0: non-finite training loss at step" in table  # sgd as magnitude
+    adam = json.loads((tmp_path / "outputs/tiny/adam#sgd/seed0/summary.json").read_text())
+    assert adam["status"] == "finished"
+
+
+def test_the_shipped_experiments_load():
+    assert {
+        "digits_resnet",
+        "digits_resnet_5x5",
+        "tiny_bert",
+        "imagenet_resnet50",
+        "bert_base",
+    } <= set(available())
+    for name in available():
+        experiment = load_experiment(name)
+        assert experiment.cells() and experiment.metrics
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["no_such_experiment"], "unknown experiment 'no_such_experiment'; available: "),
+        (["digits_resnet", "trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
+    ],
+)
+def test_graft_grid_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "graft.grid.run", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_an_unknown_optimizer_in_a_grid_is_named(tmp_path):
+    path = write_experiment(tmp_path)
+    path.write_text(path.read_text().replace("magnitude: [sgd, adam]", "magnitude: [sgd, adamx]"))
+    with pytest.raises(UserError, match="unknown optimizer 'adamx'; allowed: adagrad, adam"):
+        load_experiment(str(path))
