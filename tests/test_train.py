@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,7 +155,8 @@ def interrupted_at(run_dir: Path, step: int) -> None:
     (run_dir / "model.safetensors").unlink()
 
 
-def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path):
+def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     overrides = ("trainer.max_steps=8", "trainer.keep_checkpoints=4")
     assert train_in_process(uninterrupted, *overrides) == 0
@@ -164,27 +166,36 @@ def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path):
     with open(resumed / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 9, "train/lo')
     assert train_in_process(resumed, *overrides) == 0
+    assert f"resuming {resumed} from step 4" in caplog.text
     expected = load_file(uninterrupted / "model.safetensors")
     actual = load_file(resumed / "model.safetensors")
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
     assert without_timing(metric_lines(resumed)) == without_timing(metric_lines(uninterrupted))
 
 
-def test_masked_lm_resume_restores_dropout_and_masking_rng_bit_for_bit(tmp_path):
+def test_masked_lm_resume_restores_dropout_and_masking_rng_bit_for_bit(tmp_path, caplog):
     """tiny_bert draws dropout and its training masks from the global RNG: the checkpoint's."""
+    caplog.set_level(logging.INFO)
     overrides = (
         "task=tiny_bert",
         "trainer.batch_size=4",
         "trainer.max_steps=6",
+        "trainer.keep_checkpoints=4",
         "trainer.eval_batch_size=64",
         "schedule.warmup_steps=2",
         f"cache_dir={tmp_path / 'cache'}",
     )
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     assert train_in_process(uninterrupted, *overrides) == 0
+    uninterrupted_weights = load_file(uninterrupted / "model.safetensors")
     assert train_in_process(resumed, *overrides) == 0
     interrupted_at(resumed, 2)
     assert train_in_process(resumed, *overrides) == 0
+    assert f"resuming {resumed} from step 2" in caplog.text
+    # Evaluating more often draws nothing from the RNG: the same weights again.
+    assert train_in_process(tmp_path / "evaluated", *overrides, "trainer.eval_every=1") == 0
+    evaluated = load_file(tmp_path / "evaluated" / "model.safetensors")
+    assert all(torch.equal(evaluated[key], uninterrupted_weights[key]) for key in evaluated)
     expected = load_file(uninterrupted / "model.safetensors")
     actual = load_file(resumed / "model.safetensors")
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
@@ -220,6 +231,28 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
+def test_weights_that_overflow_are_never_saved(tmp_path):
+    """One step to inf weights with a finite loss before it: diverged, nothing saved."""
+    run_dir = tmp_path / "run"
+    overrides = ["optim@magnitude=sgd", "magnitude.lr=3e38", "graft=off", "trainer.max_steps=1"]
+    result = graft_train(run_dir, *overrides, "trainer.checkpoint_every=1")
+    assert result.returncode == 1
+    assert "non-finite weights at step 1" in result.stdout + result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
+    assert not (run_dir / "model.safetensors").exists()
+    assert not list((run_dir / "checkpoints").glob("*.pt"))
+
+
+def test_a_bad_wandb_mode_is_refused_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "sometimes"}
+    command = [sys.executable, "-m", "graft.train", *TINY[1:], f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert "WANDB_MODE='sometimes' is not a W&B mode" in result.stderr
+    assert not (run_dir / ".hydra").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     result = graft_train(run_dir, "optim@magnitude=sgd", "magnitude.lr=1e30", "graft=off")
@@ -248,6 +281,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         (["magnitude.lr=-1"], "lr"),
         (["trainer.seed=x"], "trainer.seed='x' is invalid; allowed: an integer >= 0"),
         (["trainer.bf16=maybe"], "trainer.bf16='maybe' is invalid; allowed: true or false"),
+        (["task.kind=vision"], "unknown task.kind 'vision'; allowed: image_classification"),
+        (["task.model.layers=[1,1]"], "task.model.layers=[1, 1] is invalid; allowed: four"),
+        (["+task.model.width=3"], "task.model: "),
         (
             ["schedule.warmup_steps=100"],
             "warmup_steps=100; allowed: an integer in [0, max_steps=6]",

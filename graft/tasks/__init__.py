@@ -23,7 +23,7 @@ def build_task(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
     elif kind == "masked_lm":
         from graft.tasks.masked_lm import build
     else:
-        raise ValueError(f"unknown task.kind {kind!r}; allowed: {', '.join(KINDS)}")
+        raise DataError(f"unknown task.kind {kind!r}; allowed: {', '.join(KINDS)}")
     return build(cfg, seed=seed, cache_dir=cache_dir)
 
 

@@ -88,9 +88,15 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
         raise DataError(f"unknown task.model.norm {norm!r}; allowed: {', '.join(RESNET_NORMS)}")
     in_channels = options.pop("in_channels", 3)
     small_input = options.pop("small_input", False)
+    layers = list(options.pop("layers"))
+    if len(layers) != 4 or not all(isinstance(n, int) and n >= 1 for n in layers):
+        raise DataError(
+            f"task.model.layers={layers} is invalid; allowed: four block counts >= 1, "
+            "e.g. [2, 2, 2, 2] (ResNet-18)"
+        )
     model = ResNet(
         RESNET_BLOCKS[block],
-        list(options.pop("layers")),
+        layers,
         norm_layer=RESNET_NORMS[norm],
         **options,
     )

@@ -32,7 +32,6 @@ RESUMABLE_CHANGES = (
     "trainer.eval_batch_size",
     "trainer.checkpoint_every",
     "trainer.keep_checkpoints",
-    "trainer.num_workers",
     "trainer.device",
     "task.data.root",
 )

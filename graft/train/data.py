@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from graft.tasks import Batch
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator of its own per (seed, epoch). The pair is hashed by numpy's SeedSequence
-    because torch's CPU generator keeps only 32 bits of its seed."""
-    mixed = np.random.SeedSequence([seed, epoch]).generate_state(1)[0]
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """A generator of its own per (seed, epoch, rank), hashed by numpy's SeedSequence because
+    torch's CPU generator keeps only 32 bits of its seed."""
+    mixed = np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(mixed))
 
 
@@ -106,8 +106,10 @@ class BatchStream:
             collate_fn=self.collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            # Workers' seeds (random augmentation) follow the epoch, not the global RNG.
-            generator=epoch_generator(self.seed, self.epoch),
+            # Workers' seeds (random augmentation, masking) follow the epoch and the rank, not
+            # the global RNG. A resume restarts them at the resume point: exact resume of such
+            # randomness needs num_workers=0, where it comes from the checkpointed global RNG.
+            generator=epoch_generator(self.seed, self.epoch, self.rank),
         )
 
     @property

@@ -95,7 +95,7 @@ def teardown() -> None:
 def resolve_device(name: str) -> torch.device:
     """auto: CUDA when there is a device, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -104,6 +104,8 @@ def resolve_device(name: str) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name!r} but no CUDA device is visible; use auto or cpu")
+    if device.type == "cuda" and device.index is None:  # set_device and DDP need an index
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -130,8 +132,3 @@ def gather(value: Any) -> list[Any]:
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -13,8 +13,8 @@ class UserError(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """The training loss became NaN or infinite at `step` (1-based optimizer step)."""
+    """The training loss (or the weights after a step) became NaN or infinite at `step`."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"non-finite training loss at step {step}")
+    def __init__(self, step: int, what: str = "training loss") -> None:
+        super().__init__(f"non-finite {what} at step {step}")
         self.step = step

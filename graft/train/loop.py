@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ from graft.train.checkpoints import load_newest_checkpoint, save_checkpoint, wri
 from graft.train.config import cell_name, config_differences
 from graft.train.data import BatchStream
 from graft.train.errors import EXIT_RUN_FAILED, NonFiniteLoss, UserError
-from graft.train.metrics import MetricsLog, NoMetrics
+from graft.train.metrics import MetricsLog, NoMetrics, wandb_mode
 from graft.train.optimizer import build_optimizer, optimizer_specs
 from graft.train.provenance import git_sha, hardware, versions
 from graft.train.schedules import build_schedule
@@ -70,6 +71,7 @@ def train(
 
     trainer = config["trainer"]
     check_trainer(trainer)
+    wandb_mode(config["logger"])  # a bad W&B mode fails here, before anything is written
     ranks, device = distributed.setup(trainer["backend"], trainer["device"], trainer["timeout_s"])
     try:
         return train_ranks(config, run_dir, record_config, checkpoint, ranks, device, session_start)
@@ -94,10 +96,19 @@ def train_ranks(
     seed = trainer["seed"]
     torch.manual_seed(seed)  # the same model initialisation on every rank
     random.seed(seed)
+    if not ranks.main:  # rank 0 alone speaks
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         task = build_task(config["task"], seed=seed, cache_dir=Path(config["cache_dir"]))
     except DataError as error:
         raise UserError(str(error)) from None
+    except TypeError as error:  # a model keyword the model does not take
+        raise UserError(f"task.model: {error} (fix the task config)") from None
+    if len(task.eval_set) < ranks.world_size:
+        raise UserError(
+            f"the {task.name} eval split has {len(task.eval_set)} items, fewer than the "
+            f"{ranks.world_size} ranks that share it; hold out more data"
+        )
     if ranks.rank:  # dropout and masking: a stream of each rank's own from here on
         torch.manual_seed(seed + 1_000_003 * ranks.rank)
     model = task.model.to(device, dtype=DTYPES[trainer["dtype"]])
@@ -252,6 +263,9 @@ class Loop:
             batch_size=self.trainer["eval_batch_size"],
             # Each rank scores its share; the sums are added over ranks.
             sampler=range(self.ranks.rank, len(self.task.eval_set), self.ranks.world_size),
+            # Its own generator: starting an evaluation must not draw from the global RNG,
+            # or how often a run evaluates would change its dropout and masking.
+            generator=torch.Generator(),
             collate_fn=self.task.eval_collate or self.task.collate,
             num_workers=self.trainer["num_workers"],
         )
@@ -271,7 +285,7 @@ class Loop:
             initial=progress.step,
             desc=desc,
             unit="step",
-            disable=not trainer["progress"],
+            disable=not (trainer["progress"] and self.ranks.main),
             dynamic_ncols=True,
         )
         mark = time.perf_counter()  # training time is counted up to here
@@ -297,6 +311,8 @@ class Loop:
             if not any(due.values()):
                 continue
             losses = self.checked_losses()  # waits for the device: the step times are now real
+            if due["checkpoint"]:  # never keep (or finish with) weights that went non-finite
+                self.check_weights()
             now = time.perf_counter()
             progress.train_seconds += now - mark
             record: dict[str, Any] = {}
@@ -318,6 +334,8 @@ class Loop:
             paused = time.perf_counter()  # evaluation and checkpoints do not count as training
             if due["eval"]:
                 record.update(self.evaluate())
+                if not math.isfinite(record.get("eval/loss", 0.0)):
+                    raise NonFiniteLoss(step, "evaluation loss")
             paused = time.perf_counter() - paused
             final = {k: v for k, v in record.items() if k.startswith(("eval/", "train/loss"))}
             self.metrics.log(step, record)
@@ -358,6 +376,12 @@ class Loop:
             first = int((~finite).nonzero()[0])
             raise NonFiniteLoss(self.progress.step - len(losses) + 1 + first)
         return losses
+
+    def check_weights(self) -> None:
+        """NonFiniteLoss when any weight is NaN or infinite (on any rank)."""
+        finite = torch.stack([param.detach().isfinite().all() for param in self.model.parameters()])
+        if distributed.all_mean(finite.all().float()).item() < 1:
+            raise NonFiniteLoss(self.progress.step, "weights")
 
     def step_norms(self) -> dict[str, float]:
         """‖u_M‖ (and ‖u_D‖ when grafting) of the last step, by parameter name."""
