@@ -2,7 +2,8 @@
 
 Written there: table.md (rows M, columns D, mean ± std over seeds, the paper's number beside ours
 where known, and for every off-diagonal cell whether M#D lands closer to M#M or to D#D),
-table.csv, table.tex, heatmap.png (the headline metric), curves.png (training loss per cell) and
+table.csv, table.tex, heatmap.png (the headline metric), curves.png (training loss per cell),
+schedule.png (per-layer ‖u_M‖/‖u_D‖ over steps: the implicit step-size schedule) and
 provenance.json (git SHA, versions, hardware, wall time, every run's resolved config).
 """
 
@@ -45,6 +46,11 @@ class Cell:
         values = self.values.get(metric) or []
         return statistics.fmean(values) if values else None
 
+    def spread(self, metric: str) -> float:
+        """The standard deviation over seeds (0 with fewer than two)."""
+        values = self.values.get(metric) or []
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
     def text(self, metric: str, reference: float | None) -> str:
         values = self.values.get(metric) or []
         if not values:
@@ -81,21 +87,30 @@ def gather(experiment: Experiment, sweep_dir: Path) -> list[Cell]:
 
 
 def closer_to(experiment: Experiment, cells: list[Cell]) -> list[str]:
-    """For each off-diagonal M#D: is its headline metric nearer M#M's or D#D's?"""
+    """For each off-diagonal M#D: is its headline metric nearer M#M's or D#D's?
+
+    A difference smaller than the largest seed spread of the three cells is called a tie:
+    with few seeds, closer by less than the noise is not closer.
+    """
     metric = experiment.metrics[0]
-    by_name = {cell.name: cell.mean(metric) for cell in cells}
+    by_name = {cell.name: cell for cell in cells}
     lines = []
     for cell in cells:
         m, d = cell.magnitude, cell.direction
-        mine, own_m, own_d = by_name[cell.name], by_name.get(f"{m}#{m}"), by_name.get(f"{d}#{d}")
-        if m == d or None in (mine, own_m, own_d):
+        trio = [cell, by_name.get(f"{m}#{m}"), by_name.get(f"{d}#{d}")]
+        if m == d or any(c is None or c.mean(metric) is None for c in trio):
             continue
+        mine, own_m, own_d = (c.mean(metric) for c in trio)
         to_m, to_d = abs(mine - own_m), abs(mine - own_d)
-        verdict = "M#M (the magnitude's)" if to_m < to_d else "D#D (the direction's)"
-        if to_m == to_d:
-            verdict = "both equally"
+        noise = max(c.spread(metric) for c in trio)
+        if abs(to_m - to_d) <= noise:
+            verdict = f"neither: the gap is within the seed spread ({noise:.4f})"
+        elif to_m < to_d:
+            verdict = "closer to M#M (the magnitude's)"
+        else:
+            verdict = "closer to D#D (the direction's)"
         lines.append(
-            f"- {cell.name}: {mine:.4f} is closer to {verdict}: |Δ| to {m}#{m} {to_m:.4f}, "
+            f"- {cell.name}: {mine:.4f}, {verdict}; |Δ| to {m}#{m} {to_m:.4f}, "
             f"to {d}#{d} {to_d:.4f}"
         )
     return lines
@@ -118,8 +133,8 @@ def markdown(experiment: Experiment, cells: list[Cell]) -> str:
                 row.append(by_name[name].text(metric, reference))
             parts.append(f"| **{m}** | " + " | ".join(row) + " |")
     parts.append(
-        f"\nThe diagonal M#M is plain M. Closer to the magnitude's or the direction's own result "
-        f"({experiment.metrics[0]}), the paper's claim being that the magnitude decides:\n"
+        f"\nThe diagonal M#M is plain M. Does M#D land closer to the magnitude's own result or to "
+        f"the direction's ({experiment.metrics[0]})? The paper's claim: the magnitude decides.\n"
     )
     parts.extend(closer_to(experiment, cells) or ["- (needs the diagonal cells)"])
     return "\n".join(parts) + "\n"
@@ -221,6 +236,58 @@ def plots(results: Path, experiment: Experiment, cells: list[Cell]) -> None:
     plt.close(figure)
 
 
+def implicit_schedules(run_dir: Path) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, {parameter: ‖u_M‖/‖u_D‖ at those steps}) from a grafted run's norm lines."""
+    steps: list[int] = []
+    ratios: dict[str, list[float]] = {}
+    for line in read_metrics(run_dir / "metrics.jsonl"):
+        names = [
+            key.removeprefix("norms/direction/")
+            for key in line
+            if key.startswith("norms/direction/")
+        ]
+        if not names:
+            continue
+        steps.append(line["step"])
+        for name in names:
+            direction = line[f"norms/direction/{name}"]
+            ratio = line[f"norms/magnitude/{name}"] / direction if direction > 0 else float("nan")
+            ratios.setdefault(name, []).append(ratio)
+    return steps, ratios
+
+
+def schedule_plot(results: Path, experiment: Experiment, cells: list[Cell]) -> None:
+    """Per-layer ‖u_M‖/‖u_D‖ over steps for every off-diagonal cell: the implicit schedule
+    M imposes on D (the median over tensors in black, a few single tensors in colour)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grafted = [cell for cell in cells if cell.magnitude != cell.direction and cell.run_dirs]
+    grafted = [(cell, *implicit_schedules(cell.run_dirs[0])) for cell in grafted]
+    grafted = [(cell, steps, ratios) for cell, steps, ratios in grafted if steps]
+    if not grafted:
+        return
+    columns = min(3, len(grafted))
+    rows = -(-len(grafted) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
+    for axis, (cell, steps, ratios) in zip(axes.flat, grafted):
+        names = list(ratios)
+        for name in (names[0], names[len(names) // 2], names[-1]):
+            axis.plot(steps, ratios[name], linewidth=1, label=name)
+        axis.plot(steps, np.nanmedian(np.array(list(ratios.values())), axis=0), "k", label="median")
+        axis.set_yscale("log")
+        axis.set_title(cell.name, fontsize="medium")
+        axis.set_xlabel("step")
+        axis.set_ylabel("‖u_M‖ / ‖u_D‖")
+        axis.legend(fontsize="x-small")
+    for axis in list(axes.flat)[len(grafted) :]:
+        axis.axis("off")
+    figure.suptitle(f"{experiment.name}: implicit step-size schedule (seed {experiment.seeds[0]})")
+    figure.tight_layout()
+    figure.savefig(results / "schedule.png", dpi=120)
+    plt.close(figure)
+
+
 def chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[index : index + size] for index in range(0, len(items), size)]
 
@@ -234,6 +301,7 @@ def write_results(experiment: Experiment, sweep_dir: Path, results_root: Path = 
     write_csv(results / "table.csv", experiment, cells)
     (results / "table.tex").write_text(latex(experiment, cells))
     plots(results, experiment, cells)
+    schedule_plot(results, experiment, cells)
     runs = [run_dir for cell in cells for run_dir in cell.run_dirs]
     summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in runs]
     provenance = {
