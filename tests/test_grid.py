@@ -133,6 +133,36 @@ def test_a_failing_cell_is_recorded_and_the_others_still_run(tmp_path):
     assert adam["status"] == "finished"
 
 
+def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_path):
+    path = write_experiment(tmp_path)
+    path.write_text(
+        path.read_text().replace("seeds: [0, 1]", "seeds: [0]")
+        + "tune:\n  lr: {sgd: [0.01, 0.05], adam: [0.001, 0.003]}\n"
+        + "  overrides: [trainer.max_steps=2]\n"
+    )
+    results = run_grid(
+        load_experiment(str(path)),
+        [],
+        outputs=tmp_path / "outputs",
+        results_root=tmp_path / "results",
+        tune=True,
+    )
+    tuning = (results / "tuning.md").read_text()
+    chosen = {
+        row.split("|")[1].strip(): float(row.split("|")[2])
+        for row in tuning.splitlines()
+        if "**chosen**" in row
+    }
+    assert set(chosen) == {"sgd", "adam"} and chosen["adam"] in (0.001, 0.003)
+    for name in ("sgd", "adam"):
+        for value in (0.01, 0.05) if name == "sgd" else (0.001, 0.003):
+            summary = tmp_path / f"outputs/tiny/tuning/{name}/lr{value}/seed0/summary.json"
+            assert json.loads(summary.read_text())["steps"] == 2
+    cell = json.loads((tmp_path / "outputs/tiny/tuned/adam#sgd/seed0/summary.json").read_text())
+    assert cell["optimizers"]["magnitude"]["lr"] == chosen["adam"]
+    assert cell["steps"] == 3  # the grid's own budget, not the tuning runs'
+
+
 def test_the_shipped_experiments_load():
     assert {
         "digits_resnet",

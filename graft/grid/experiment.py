@@ -11,6 +11,7 @@ An experiment (`experiments/<name>.yaml`) holds:
     overrides:   Hydra overrides for every cell (trainer.max_steps=..., schedule=...)
     metrics:     summary keys that fill the table (eval/top1, ...); the first is the headline
     reference:   {"M#D": {metric: value}}: the paper's numbers where known
+    tune:        optional learning-rate sweeps of the diagonal (graft-grid --tune; tune.py)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ KEYS = (
     "overrides",
     "metrics",
     "reference",
+    "tune",
 )
 
 
@@ -50,6 +52,7 @@ class Experiment:
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)  # see graft/grid/tune.py
     source: Path | None = None
 
     def cells(self) -> list[tuple[str, str]]:
@@ -113,6 +116,7 @@ def load_experiment(name_or_path: str) -> Experiment:
         optimizers=dict(raw.get("optimizers") or {}),
         overrides=list(raw.get("overrides") or []),
         reference=dict(raw.get("reference") or {}),
+        tune=dict(raw.get("tune") or {}),
         source=path,
     )
     check(experiment, path)

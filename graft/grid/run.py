@@ -8,6 +8,7 @@ that fails is recorded and the others still run.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 
 from graft.grid.experiment import Experiment, load_experiment
 from graft.grid.table import RESULTS, write_results
+from graft.grid.tune import run_tuning, tune_block
 from graft.train.cli import check_overrides
 from graft.train.config import flatten
 from graft.train.errors import EXIT_USER_ERROR, UserError
@@ -26,13 +28,15 @@ OUTPUTS = Path("outputs")
 
 def main() -> None:
     args = sys.argv[1:]
+    tune = "--tune" in args
+    args = [arg for arg in args if arg != "--tune"]
     named = [arg for arg in args if "=" not in arg and not arg.startswith("-")]
     overrides = [arg for arg in args if arg not in named]
     try:
         if len(named) > 1:
             raise UserError(f"one experiment at a time, got {', '.join(named)}")
         experiment = load_experiment(named[0] if named else DEFAULT_EXPERIMENT)
-        run_grid(experiment, overrides)
+        run_grid(experiment, overrides, tune=tune)
     except UserError as error:
         print(f"graft-grid: error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
@@ -53,8 +57,16 @@ def run_grid(
     extra: list[str],
     outputs: Path = OUTPUTS,
     results_root: Path = RESULTS,
+    *,
+    tune: bool = False,
 ) -> Path:
-    """Run (or resume) every cell x seed of `experiment`; write and print its table."""
+    """Run (or resume) every cell x seed of `experiment`; write and print its table.
+
+    With `tune`, first sweep the diagonal's learning rates (graft/grid/tune.py) and run the
+    grid with the best of each.
+    """
+    if tune:
+        tune_block(experiment)  # a missing or wrong tune block fails before anything runs
     shared = cell_overrides(experiment, extra)
     magnitude, direction = experiment.cells()[0]
     # One representative cell composes first: a bad override fails here, not in every job.
@@ -64,6 +76,15 @@ def run_grid(
     )
     sweep_dir = outputs / experiment.name
     refuse_another_version(experiment, extra, sweep_dir)
+    tuning = None
+    if tune:
+        chosen, tuning = run_tuning(experiment, cell_overrides(experiment, extra), sweep_dir)
+        settings = {name: dict(values) for name, values in experiment.optimizers.items()}
+        for name, lr in chosen.items():
+            settings.setdefault(name, {})["lr"] = lr
+        experiment = dataclasses.replace(experiment, optimizers=settings)
+        shared = cell_overrides(experiment, extra)
+        sweep_dir = sweep_dir / "tuned"
     command = [
         sys.executable,
         "-m",
@@ -83,6 +104,9 @@ def run_grid(
     if finished.returncode:
         print(f"graft-grid: some runs failed (exit {finished.returncode}); see the table")
     results = write_results(experiment, sweep_dir, results_root)
+    if tuning is not None:
+        (results / "tuning.md").write_text(tuning)
+        print(tuning, flush=True)
     print((results / "table.md").read_text(), flush=True)
     return results
 

@@ -325,7 +325,10 @@ def main() -> None:
         if len(args) != 1:
             raise UserError("usage: graft-table EXPERIMENT (a name in experiments/ or a path)")
         experiment = load_experiment(args[0])
-        results = write_results(experiment, Path("outputs") / experiment.name)
+        sweep_dir = Path("outputs") / experiment.name
+        if (sweep_dir / "tuned").is_dir():  # graft-grid --tune ran the grid there
+            sweep_dir = sweep_dir / "tuned"
+        results = write_results(experiment, sweep_dir)
     except UserError as error:
         print(f"graft-table: error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
