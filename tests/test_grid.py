@@ -197,6 +197,12 @@ def test_graft_grid_bad_input_is_one_line_and_exit_code_2(tmp_path, args, messag
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_learning_rate_left_null_must_be_set_before_running(tmp_path):
+    with pytest.raises(UserError, match="optimizers.adam.lr is null .*set it"):
+        run_grid(load_experiment("imagenet_resnet50"), [], outputs=tmp_path, results_root=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_unknown_optimizer_in_a_grid_is_named(tmp_path):
     path = write_experiment(tmp_path)
     path.write_text(path.read_text().replace("magnitude: [sgd, adam]", "magnitude: [sgd, adamx]"))

@@ -67,6 +67,13 @@ def run_grid(
     """
     if tune:
         tune_block(experiment)  # a missing or wrong tune block fails before anything runs
+    for name, settings in experiment.optimizers.items():
+        for key, value in settings.items():
+            if value is None and not (tune and key == "lr" and name in experiment.tune["lr"]):
+                raise UserError(
+                    f"{experiment.source}: optimizers.{name}.{key} is null (not known); set it "
+                    "in the experiment file, or give a tune.lr list and pass --tune"
+                )
     shared = cell_overrides(experiment, extra)
     magnitude, direction = experiment.cells()[0]
     # One representative cell composes first: a bad override fails here, not in every job.
