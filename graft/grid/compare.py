@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from graft.grid.table import implicit_schedules
-from graft.train.errors import EXIT_USER_ERROR, UserError
+from graft.train.errors import UserError, exit_with
 from graft.train.metrics import read_metrics
 
 
@@ -117,8 +116,7 @@ def main() -> None:
     try:
         out = compare(args.runs, args.out)
     except UserError as error:
-        print(f"graft-compare: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with("graft-compare", error)
     print((out / "compare.md").read_text())
 
 

@@ -20,7 +20,7 @@ from graft.grid.table import RESULTS, write_results
 from graft.grid.tune import run_tuning, tune_block
 from graft.train.cli import check_overrides
 from graft.train.config import flatten
-from graft.train.errors import EXIT_USER_ERROR, UserError
+from graft.train.errors import UserError, exit_with
 
 DEFAULT_EXPERIMENT = "digits_resnet"
 OUTPUTS = Path("outputs")
@@ -38,8 +38,7 @@ def main() -> None:
         experiment = load_experiment(named[0] if named else DEFAULT_EXPERIMENT)
         run_grid(experiment, overrides, tune=tune)
     except UserError as error:
-        print(f"graft-grid: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with("graft-grid", error)
 
 
 def cell_overrides(experiment: Experiment, extra: list[str]) -> list[str]:

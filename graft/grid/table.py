@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from graft.grid.experiment import Experiment, load_experiment
 from graft.train.config import cell_name
-from graft.train.errors import EXIT_USER_ERROR, UserError
+from graft.train.errors import UserError, exit_with
 from graft.train.metrics import read_metrics
 from graft.train.provenance import git_sha, versions
 
@@ -330,8 +330,7 @@ def main() -> None:
             sweep_dir = sweep_dir / "tuned"
         results = write_results(experiment, sweep_dir)
     except UserError as error:
-        print(f"graft-table: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with("graft-table", error)
     print((results / "table.md").read_text())
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from graft.train.config import CONFIGS, GROUP_FOLDERS, group_options, register_resolvers
-from graft.train.errors import EXIT_USER_ERROR, UserError
+from graft.train.errors import UserError, exit_with
 from graft.train.loop import train
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def main() -> None:
     try:
         check_overrides(overrides, compose_too=not multirun)
     except UserError as error:
-        exit_with(error)
+        exit_with("graft-train", error)
     run_hydra()
 
 
@@ -73,11 +73,6 @@ def first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def exit_with(error: UserError) -> None:
-    print(f"graft-train: error: {error}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
-
-
 @hydra.main(config_path=str(CONFIGS), config_name="train", version_base="1.3")
 def run_hydra(cfg: DictConfig) -> None:
     hydra_config = HydraConfig.get()
@@ -102,6 +97,6 @@ def run_hydra(cfg: DictConfig) -> None:
     except UserError as error:
         if sweeping:  # one bad job: Hydra records it and the sweep goes on
             raise
-        exit_with(error)
+        exit_with("graft-train", error)
     if code and not sweeping:  # a failed job of a sweep is recorded in its summary.json
         sys.exit(code)

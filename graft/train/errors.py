@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 # Exit codes: a user mistake (bad config, missing data) is 2; a run that failed (a
 # non-finite loss) is 1, after it has kept its last good checkpoint and recorded why.
 EXIT_USER_ERROR = 2
@@ -10,6 +13,12 @@ EXIT_RUN_FAILED = 1
 
 class UserError(Exception):
     """A mistake the user fixes in the config or on the command line; one line, no traceback."""
+
+
+def exit_with(program: str, error: Exception) -> NoReturn:
+    """End a command on a user mistake: one line on stderr, exit code 2."""
+    print(f"{program}: error: {error}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 class NonFiniteLoss(Exception):
