@@ -163,6 +163,31 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
     assert cell["steps"] == 3  # the grid's own budget, not the tuning runs'
 
 
+def test_with_wandb_on_the_cells_and_the_aggregated_table_go_to_wandb(tmp_path, monkeypatch):
+    """W&B for real, offline: each cell is a W&B run, and one more run holds the table."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = write_experiment(tmp_path)
+    path.write_text(
+        path.read_text()
+        .replace("seeds: [0, 1]", "seeds: [0]")
+        .replace("magnitude: [sgd, adam]", "magnitude: [adam]")
+        .replace("logger=none", "logger=wandb")
+    )
+    run_grid(load_experiment(str(path)), [], tmp_path / "outputs", tmp_path / "results")
+    for cell in ("adam#sgd", "adam#adam"):
+        assert list((tmp_path / f"outputs/tiny/{cell}/seed0/wandb").glob("offline-run-*"))
+    (table_file,) = (tmp_path / "outputs/tiny/wandb").glob("offline-run-*/files/media/table/*")
+    table = json.loads(table_file.read_text())
+    assert table["columns"][:4] == ["magnitude", "direction", "cell", "eval/top1 mean"]
+    rows = {row[2]: row for row in table["data"]}
+    assert set(rows) == {"adam#sgd", "adam#adam"}
+    assert rows["adam#adam"][5] == 0.5  # the paper's value from the experiment's reference
+    summary = json.loads((tmp_path / "outputs/tiny/adam#sgd/seed0/summary.json").read_text())
+    assert rows["adam#sgd"][3] == pytest.approx(summary["eval/top1"])
+    media = (tmp_path / "outputs/tiny/wandb").glob("offline-run-*/files/media/images/*.png")
+    assert {image.name.split("_")[0] for image in media} == {"heatmap", "curves", "schedule"}
+
+
 def test_the_shipped_experiments_load():
     assert {
         "digits_resnet",

@@ -4,7 +4,9 @@ Written there: table.md (rows M, columns D, mean ± std over seeds, the paper's 
 where known, and for every off-diagonal cell whether M#D lands closer to M#M or to D#D),
 table.csv, table.tex, heatmap.png (the headline metric), curves.png (training loss per cell),
 schedule.png (per-layer ‖u_M‖/‖u_D‖ over steps: the implicit step-size schedule) and
-provenance.json (git SHA, versions, hardware, wall time, every run's resolved config).
+provenance.json (git SHA, versions, hardware, wall time, every run's resolved config and the
+optimizer settings it ran with). When the cells logged to W&B, the table and plots go there too
+(graft/grid/wandb_table.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from graft.grid.experiment import Experiment, load_experiment
+from graft.grid.wandb_table import log_table
 from graft.train.config import cell_name
 from graft.train.errors import UserError, exit_with
 from graft.train.metrics import read_metrics
@@ -310,12 +313,15 @@ def write_results(experiment: Experiment, sweep_dir: Path, results_root: Path = 
         "versions": versions(),
         "hardware": summaries[0]["hardware"] if summaries else None,
         "wall_seconds": round(sum(s["wall_seconds"] for s in summaries), 1),
+        # What each run's optimizers were (the experiment's optimizers table applied).
+        "optimizers": {str(run_dir): s.get("optimizers") for run_dir, s in zip(runs, summaries)},
         "runs": {
             str(run_dir): OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra/config.yaml"))
             for run_dir in runs
         },
     }
     (results / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+    log_table(experiment, cells, results, sweep_dir)
     return results
 
 

@@ -119,7 +119,11 @@ def start_wandb(
     config: Mapping[str, Any],
     run_name: str,
     wandb_id: str | None,
+    *,
+    group: str | None = None,
+    job_type: str = "train",
 ) -> Any:
+    """A W&B run in run_dir/wandb (group: logger.group unless given)."""
     import wandb  # imported here: W&B is slow to import and optional per run
 
     if mode == "offline":
@@ -129,7 +133,8 @@ def start_wandb(
     return wandb.init(
         project=logger["project"],
         entity=logger.get("entity"),
-        group=logger.get("group"),
+        group=group or logger.get("group"),
+        job_type=job_type,
         tags=list(logger.get("tags") or []),
         name=run_name,
         id=wandb_id,
