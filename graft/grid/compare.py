@@ -13,9 +13,9 @@ import json
 import statistics
 from pathlib import Path
 
-from graft.grid.table import implicit_schedules
 from graft.train.errors import UserError, exit_with
 from graft.train.metrics import read_metrics
+from graft.transfer.recorded import implicit_schedules
 
 
 def runs_of(path: Path) -> list[Path]:

@@ -27,6 +27,7 @@ from graft.train.config import cell_name
 from graft.train.errors import UserError, exit_with
 from graft.train.metrics import read_metrics
 from graft.train.provenance import git_sha, versions
+from graft.transfer.recorded import implicit_schedules
 
 RESULTS = Path(__file__).resolve().parents[2] / "results"
 
@@ -237,26 +238,6 @@ def plots(results: Path, experiment: Experiment, cells: list[Cell]) -> None:
     figure.tight_layout()
     figure.savefig(results / "curves.png", dpi=120)
     plt.close(figure)
-
-
-def implicit_schedules(run_dir: Path) -> tuple[list[int], dict[str, list[float]]]:
-    """(steps, {parameter: ‖u_M‖/‖u_D‖ at those steps}) from a grafted run's norm lines."""
-    steps: list[int] = []
-    ratios: dict[str, list[float]] = {}
-    for line in read_metrics(run_dir / "metrics.jsonl"):
-        names = [
-            key.removeprefix("norms/direction/")
-            for key in line
-            if key.startswith("norms/direction/")
-        ]
-        if not names:
-            continue
-        steps.append(line["step"])
-        for name in names:
-            direction = line[f"norms/direction/{name}"]
-            ratio = line[f"norms/magnitude/{name}"] / direction if direction > 0 else float("nan")
-            ratios.setdefault(name, []).append(ratio)
-    return steps, ratios
 
 
 def schedule_plot(results: Path, experiment: Experiment, cells: list[Cell]) -> None:

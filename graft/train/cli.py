@@ -28,7 +28,23 @@ log = logging.getLogger(__name__)
 register_resolvers()
 
 
+# Keys whose values are paths: quoted for Hydra, since run directories hold '#' and ','.
+PATH_KEYS = ("static", "schedule.run")
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """static=outputs/x/adam#sgd/... -> static='outputs/x/adam#sgd/...' (unless quoted)."""
+    quoted = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in PATH_KEYS and value and value[0] not in "'\"":
+            arg = f"{key}='{value}'"
+        quoted.append(arg)
+    return quoted
+
+
 def main() -> None:
+    sys.argv[1:] = quote_paths(sys.argv[1:])
     overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-") and "=" in arg]
     multirun = any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
     try:

@@ -37,13 +37,23 @@ RESUMABLE_CHANGES = (
 )
 
 
-def cell_name(magnitude: str, direction: str, grafting: bool) -> str:
-    """ "adam#sgd" for a grafted pair; the magnitude's name alone without grafting."""
-    return f"{magnitude}#{direction}" if grafting else magnitude
+def cell_name(
+    magnitude: str,
+    direction: str,
+    grafting: bool,
+    static: str | None = None,
+    schedule: str | None = None,
+) -> str:
+    """ "adam#sgd" for a grafted pair; the magnitude's name alone without grafting; "+static"
+    or "+replay" after it for per-layer learning rates carried over from a grafted run."""
+    name = f"{magnitude}#{direction}" if grafting else magnitude
+    if static:
+        return name + "+static"
+    return name + "+replay" if schedule == "replay" else name
 
 
 def register_resolvers() -> None:
-    """`${cell:M,D,enabled}` names a run's optimizer pair in paths (see configs/train.yaml)."""
+    """`${cell:M,D,enabled,static,schedule}` names a run's optimizers in paths (train.yaml)."""
     if not OmegaConf.has_resolver("cell"):
         OmegaConf.register_new_resolver("cell", cell_name)
 

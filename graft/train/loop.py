@@ -39,6 +39,7 @@ from graft.train.metrics import MetricsLog, NoMetrics, wandb_mode
 from graft.train.optimizer import build_optimizer, optimizer_specs
 from graft.train.provenance import git_sha, hardware, versions
 from graft.train.schedules import build_schedule
+from graft.transfer.replay import replay_multipliers
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,11 @@ def train_ranks(
 
     # Named as its run directory is: "adam#adam" even though an identical M#M runs as plain M.
     cell = cell_name(
-        config["magnitude"]["name"], config["direction"]["name"], config["graft"]["enabled"]
+        config["magnitude"]["name"],
+        config["direction"]["name"],
+        config["graft"]["enabled"],
+        config.get("static"),
+        config["schedule"]["name"],
     )
     metrics: MetricsLog | NoMetrics = NoMetrics()
     if ranks.main:
@@ -308,6 +313,7 @@ class Loop:
                     ("checkpoint", "checkpoint_every"),
                 )
             }
+            due["norms"] &= trainer["log_norms_every"] > 0  # 0: never, not even at the end
             if not any(due.values()):
                 continue
             losses = self.checked_losses()  # waits for the device: the step times are now real
@@ -544,6 +550,12 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
 def make_scheduler(
     optimizer: Graft, schedule: Mapping[str, Any], max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The configured schedule; `replay` gives each one-tensor group its recorded schedule."""
+    if schedule["name"] == "replay":
+        names = [group["param_names"][0] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, replay_multipliers(schedule["run"], names, max_steps)
+        )
     options = {key: value for key, value in schedule.items() if key != "name"}
     try:
         return build_schedule(optimizer, schedule["name"], max_steps, **options)

@@ -1,4 +1,8 @@
-"""The run's optimizer: a Graft of the configured magnitude and direction."""
+"""The run's optimizer: a Graft of the configured magnitude and direction.
+
+With `static=PATH` (multipliers from graft-static derive) or `schedule=replay`, the optimizer
+is plain M with one param group per tensor, named, so each tensor gets its own learning rate.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from torch import nn
 
 from graft.optim import Graft
 from graft.train.errors import UserError
+from graft.transfer.static import load_multipliers
 
 
 def optimizer_specs(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -30,20 +35,36 @@ def build_optimizer(model: nn.Module, config: Mapping[str, Any]) -> Graft:
     """M#D over the model's trainable parameters (plain M with `graft.enabled` false).
 
     With `trainer.decay_1d` false, biases and normalisation scales (tensors of ndim <= 1)
-    form a second param group with weight_decay 0 for both M and D.
+    get weight_decay 0 for both M and D. With `static` or a replayed schedule, every tensor
+    is its own group (its lr: M's lr x its static multiplier).
     """
     graft = config["graft"]
     magnitude, direction = optimizer_specs(config)
-    params = [param for param in model.parameters() if param.requires_grad]
-    if config["trainer"]["decay_1d"]:
-        groups: list[dict[str, Any]] = [{"params": params}]
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    per_tensor = bool(config.get("static")) or config["schedule"]["name"] == "replay"
+    if per_tensor:
+        multipliers = (
+            load_multipliers(config["static"], [name for name, _ in named])
+            if config.get("static")
+            else {}
+        )
+        groups: list[dict[str, Any]] = [
+            {
+                "params": [param],
+                "param_names": [name],
+                "lr": magnitude["lr"] * multipliers.get(name, 1.0),
+                **({} if decays(param, config) else {"weight_decay": 0.0}),
+            }
+            for name, param in named
+        ]
     else:
+        params = [param for _, param in named]
         groups = [
-            {"params": [param for param in params if param.ndim > 1]},
-            {"params": [param for param in params if param.ndim <= 1], "weight_decay": 0.0},
+            {"params": [p for p in params if decays(p, config)]},
+            {"params": [p for p in params if not decays(p, config)], "weight_decay": 0.0},
         ]
     try:
-        return Graft(
+        optimizer = Graft(
             [group for group in groups if group["params"]],
             magnitude=magnitude,
             direction=direction if graft["enabled"] else None,
@@ -55,3 +76,15 @@ def build_optimizer(model: nn.Module, config: Mapping[str, Any]) -> Graft:
             f"{error} (fix it in the magnitude, direction, optimizers or graft config, "
             "e.g. magnitude.lr=...)"
         ) from None
+    if per_tensor and optimizer.grafting():
+        what = f"static={config['static']}" if config.get("static") else "schedule=replay"
+        raise UserError(
+            f"{what} sets per-layer learning rates of a plain optimizer, but this run grafts "
+            f"{magnitude['name']}#{direction['name']}; add graft=off"
+        )
+    return optimizer
+
+
+def decays(param: Any, config: Mapping[str, Any]) -> bool:
+    """Whether weight decay applies: not to biases and norm scales if trainer.decay_1d is false."""
+    return config["trainer"]["decay_1d"] or param.ndim > 1

@@ -1,0 +1,103 @@
+"""A grafted run's implicit schedule, as the trainer recorded it.
+
+With `trainer.log_norms_every=N` the trainer logs, every N steps, ‖u_M‖ and ‖u_D‖ of that
+step per parameter (`norms/magnitude/<name>` and `norms/direction/<name>` in metrics.jsonl,
+on the line of the step they belong to). Their ratio r_i(t) = ‖u_M‖/‖u_D‖ is what grafting
+multiplies D's step by: the per-layer learning rate M imposes on D. Since Graft schedules M's
+lr and never D's, r_i(t) already holds the run's schedule s(t): D's step at t was
+lr_D · r_i(t) · (D's unit-lr step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from graft.train.errors import UserError
+from graft.train.metrics import read_metrics
+from graft.train.optimizer import optimizer_specs
+from graft.train.schedules import lr_multiplier
+
+MAGNITUDE, DIRECTION = "norms/magnitude/", "norms/direction/"
+
+
+def implicit_schedules(run_dir: Path) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, {parameter: ‖u_M‖/‖u_D‖ at those steps}) from a run's norm lines; no steps for
+    a run that was not grafted or logged no norms. A zero ‖u_D‖ gives NaN."""
+    steps: list[int] = []
+    ratios: dict[str, list[float]] = {}
+    for line in read_metrics(run_dir / "metrics.jsonl"):
+        names = [key.removeprefix(DIRECTION) for key in line if key.startswith(DIRECTION)]
+        if not names:
+            continue
+        steps.append(line["step"])
+        for name in names:
+            direction = line[DIRECTION + name]
+            ratio = line[MAGNITUDE + name] / direction if direction > 0 else float("nan")
+            ratios.setdefault(name, []).append(ratio)
+    return steps, ratios
+
+
+@dataclass
+class Recorded:
+    """The per-parameter ratios of one grafted run, with the config it ran."""
+
+    run_dir: Path
+    steps: np.ndarray  # the steps (1-based) whose norms were logged, increasing
+    ratios: dict[str, np.ndarray]  # parameter name -> r_i at those steps
+    config: dict[str, Any]  # the run's resolved config (.hydra/config.yaml)
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.config["magnitude"]["name"], self.config["direction"]["name"]
+
+    @property
+    def direction_lr(self) -> float:
+        """D's learning rate in that run: the base lr that makes lr · r_i(t) its step size."""
+        return float(optimizer_specs(self.config)[1]["lr"])
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.config["schedule"].get("warmup_steps", 0))
+
+    def schedule_factors(self) -> np.ndarray:
+        """s(t), the run's schedule multiplier at each recorded step (step t used s(t - 1))."""
+        schedule = dict(self.config["schedule"])
+        name = schedule.pop("name")
+        max_steps = self.config["trainer"]["max_steps"]
+        return np.array(
+            [
+                lr_multiplier(int(step) - 1, name=name, max_steps=max_steps, **schedule)
+                for step in self.steps
+            ]
+        )
+
+
+def load_recorded(run_dir: Path, what: str = "RUN_DIR") -> Recorded:
+    """The recorded schedule of the grafted run in run_dir; UserError (one line) when run_dir
+    is not a run, was not grafted, or logged no norms."""
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if not config_path.exists():
+        raise UserError(f"{what} {run_dir} is not a graft-train run directory (no .hydra/)")
+    config = OmegaConf.to_container(OmegaConf.load(config_path))
+    steps, ratios = implicit_schedules(run_dir)
+    if not steps:
+        magnitude, direction = config["magnitude"]["name"], config["direction"]["name"]
+        grafted = config["graft"]["enabled"] and magnitude != direction
+        why = (
+            "it logged no per-layer norms; train it with trainer.log_norms_every=N (N > 0)"
+            if grafted
+            else f"it was not grafted ({magnitude} alone); derive from an M#D run, e.g. "
+            "optim@magnitude=adam optim@direction=sgd"
+        )
+        raise UserError(f"{what} {run_dir} has no ‖u_M‖/‖u_D‖ to read: {why}")
+    return Recorded(
+        run_dir=run_dir,
+        steps=np.array(steps),
+        ratios={name: np.array(values) for name, values in ratios.items()},
+        config=config,
+    )

@@ -1,0 +1,143 @@
+"""A static per-layer learning-rate correction derived from a grafted run (ICLR 2022, §5).
+
+In M#D, D's step on tensor i at step t is lr_D · r_i(t) · (D's unit-lr step), with
+r_i(t) = ‖u_M‖/‖u_D‖ holding the run's schedule s(t) (graft/transfer/recorded.py). The static
+multiplier is the schedule-free part of that ratio, reduced over a window of steps:
+
+    m_i = reduce over t in window of  r_i(t) / s(t)
+
+so plain D with per-tensor learning rate lr_D · m_i under the same schedule takes steps of the
+grafted run's size wherever r_i(t)/s(t) is steady, with no state of M's (Adam's second
+moments) at all.
+
+The default window starts after the warmup (with no warmup, after the first 10 % of the run)
+and ends at the last logged step: the first steps are a transient (Adam's moment estimates
+have seen few gradients and its early steps are near ±lr per coordinate), while the rest is
+the steady state a single number per layer can stand in for. The median is the default
+reduction: a few spiky steps do not move it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from graft.train.errors import UserError
+
+if TYPE_CHECKING:  # the trainer imports this module, and recorded.py imports the trainer's
+    from graft.transfer.recorded import Recorded
+
+REDUCTIONS = ("median", "mean")
+SKIPPED_FRACTION = 0.1  # with no warmup, the default window skips this much of the run
+
+
+def default_window(recorded: Recorded) -> tuple[int, int]:
+    """(first, last) step: after the warmup, or after the first 10 % of a run without one."""
+    max_steps = recorded.config["trainer"]["max_steps"]
+    skip = recorded.warmup_steps or math.ceil(SKIPPED_FRACTION * max_steps)
+    return skip + 1, int(recorded.steps[-1])
+
+
+def parse_window(text: str | None, recorded: Recorded) -> tuple[int, int]:
+    """'START:END' (steps, inclusive; either side may be left out) within the recorded steps."""
+    if text is None:
+        first, last = default_window(recorded)
+    else:
+        try:
+            start, end = text.split(":")
+            first = int(start) if start else int(recorded.steps[0])
+            last = int(end) if end else int(recorded.steps[-1])
+        except ValueError:
+            raise UserError(
+                f"--window {text!r} is not START:END in steps (e.g. 100:500, 100: or :500)"
+            ) from None
+    logged = f"the run's logged steps {int(recorded.steps[0])}..{int(recorded.steps[-1])}"
+    if first > last or last < recorded.steps[0] or first > recorded.steps[-1]:
+        raise UserError(f"--window {first}:{last} is outside {logged}; choose one inside it")
+    if not ((recorded.steps >= first) & (recorded.steps <= last)).any():
+        raise UserError(f"--window {first}:{last} holds none of {logged}; widen it")
+    return first, last
+
+
+def derive(recorded: Recorded, window: tuple[int, int], reduce: str = "median") -> dict[str, Any]:
+    """The multipliers file's content: per-parameter m_i and how they were derived."""
+    if reduce not in REDUCTIONS:
+        raise UserError(f"--reduce {reduce!r} is unknown; allowed: {', '.join(REDUCTIONS)}")
+    inside = (recorded.steps >= window[0]) & (recorded.steps <= window[1])
+    factors = recorded.schedule_factors()[inside]
+    reducer = np.nanmedian if reduce == "median" else np.nanmean
+    multipliers, without = {}, []
+    for name, ratios in recorded.ratios.items():
+        values = ratios[inside] / factors
+        if np.isfinite(values).any():
+            multipliers[name] = float(reducer(values[np.isfinite(values)]))
+        else:  # ‖u_D‖ was 0 throughout (no gradient reached it): its step is 0 at any lr
+            multipliers[name] = 1.0
+            without.append(name)
+    magnitude, direction = recorded.pair
+    return {
+        "source": str(recorded.run_dir),
+        "magnitude": magnitude,
+        "direction": direction,
+        "direction_lr": recorded.direction_lr,
+        "schedule": recorded.config["schedule"],
+        "window": list(window),
+        "steps_used": int(inside.sum()),
+        "reduce": reduce,
+        "no_ratio": without,
+        "multipliers": multipliers,
+    }
+
+
+def write_multipliers(path: Path, content: Mapping[str, Any]) -> None:
+    """Write the file; an existing one derived differently is refused, never overwritten."""
+    text = json.dumps(content, indent=2) + "\n"
+    if path.exists() and path.read_text() != text:
+        raise UserError(
+            f"{path} already holds other multipliers; pass --out with a new path (or delete it)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def load_multipliers(path: str | Path, names: list[str]) -> dict[str, float]:
+    """name -> multiplier for exactly `names` (the model's trainable parameters); UserError
+    naming the file and the first mismatches otherwise."""
+    where = f"static={path}"
+    try:
+        content = json.loads(Path(path).read_text())
+        multipliers = content["multipliers"]
+    except FileNotFoundError:
+        raise UserError(
+            f"{where}: no such file (make one with graft-static derive RUN_DIR)"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{where}: not a multipliers file from graft-static derive") from None
+    missing = [name for name in names if name not in multipliers]
+    unknown = [name for name in multipliers if name not in set(names)]
+    if missing or unknown:
+        raise UserError(
+            f"{where}: its parameter names do not match the model's (missing: "
+            f"{', '.join(missing[:3]) or 'none'}; not in the model: "
+            f"{', '.join(unknown[:3]) or 'none'}); derive it from a run of the same task and model"
+        )
+    bad = [
+        name
+        for name in names
+        if not (
+            isinstance(multipliers[name], float | int)
+            and multipliers[name] > 0
+            and math.isfinite(multipliers[name])
+        )
+    ]
+    if bad:
+        raise UserError(
+            f"{where}: multiplier {multipliers[bad[0]]!r} for {bad[0]}; allowed: a finite "
+            "number > 0"
+        )
+    return {name: float(multipliers[name]) for name in names}
