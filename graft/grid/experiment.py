@@ -12,6 +12,9 @@ An experiment (`experiments/<name>.yaml`) holds:
     metrics:     summary keys that fill the table (eval/top1, ...); the first is the headline
     reference:   {"M#D": {metric: value}}: the paper's numbers where known
     tune:        optional learning-rate sweeps of the diagonal (graft-grid --tune; tune.py)
+    study:       optional: instead of the grid's table, a study of its one M#D pair
+                 (graft/transfer/studies.py): {kind: static, window, reduce},
+                 {kind: tuning_transfer, lrs: [D's learning rates]} or {kind: schedule_trend}
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ KEYS = (
     "metrics",
     "reference",
     "tune",
+    "study",
 )
+
+# Study kinds and the options each takes (graft/transfer/studies.py).
+STUDY_OPTIONS = {
+    "static": ("window", "reduce"),
+    "tuning_transfer": ("lrs",),
+    "schedule_trend": (),
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Experiment:
     overrides: list[str] = field(default_factory=list)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     tune: dict[str, Any] = field(default_factory=dict)  # see graft/grid/tune.py
+    study: dict[str, Any] = field(default_factory=dict)  # see graft/transfer/studies.py
     source: Path | None = None
 
     def cells(self) -> list[tuple[str, str]]:
@@ -61,6 +73,11 @@ class Experiment:
 
     def cell_names(self) -> list[str]:
         return [cell_name(m, d, True) for m, d in self.cells()]
+
+    def shared_overrides(self, extra: list[str]) -> list[str]:
+        """The overrides every run shares (a grid adds M, D and the seed); extra: the command
+        line's."""
+        return [f"task={self.task}", *self.optimizer_overrides(), *self.overrides, *extra]
 
     def optimizer_overrides(self) -> list[str]:
         """`+optimizers.<name>.<key>=<value>` for the trainer, one per setting."""
@@ -117,6 +134,7 @@ def load_experiment(name_or_path: str) -> Experiment:
         overrides=list(raw.get("overrides") or []),
         reference=dict(raw.get("reference") or {}),
         tune=dict(raw.get("tune") or {}),
+        study=dict(raw.get("study") or {}),
         source=path,
     )
     check(experiment, path)
@@ -139,7 +157,31 @@ def check(experiment: Experiment, path: Path) -> None:
         raise UserError(f"{path}: seeds must be a non-empty list of integers >= 0")
     if not experiment.metrics:
         raise UserError(f"{path}: metrics needs at least one summary key, e.g. eval/top1")
+    if experiment.study:
+        check_study(experiment, path)
     cells = set(experiment.cell_names())
     for cell in experiment.reference:
         if cell not in cells:
             raise UserError(f"{path}: reference cell {cell!r} is not in the grid")
+
+
+def check_study(experiment: Experiment, path: Path) -> None:
+    kind = experiment.study.get("kind")
+    if kind not in STUDY_OPTIONS:
+        raise UserError(
+            f"{path}: study.kind {kind!r} is unknown; allowed: {', '.join(STUDY_OPTIONS)}"
+        )
+    unknown = sorted(set(experiment.study) - {"kind", *STUDY_OPTIONS[kind]})
+    if unknown:
+        allowed = ", ".join(STUDY_OPTIONS[kind]) or "none"
+        raise UserError(
+            f"{path}: study option {unknown[0]!r} does not apply to {kind}; allowed: {allowed}"
+        )
+    if len(experiment.magnitudes) != 1 or len(experiment.directions) != 1:
+        raise UserError(
+            f"{path}: a {kind} study is of one pair: grid needs one magnitude and one direction"
+        )
+    if kind == "tuning_transfer" and not experiment.study.get("lrs"):
+        raise UserError(
+            f"{path}: a tuning_transfer study needs lrs: [the direction's learning rates to sweep]"
+        )

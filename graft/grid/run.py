@@ -9,18 +9,19 @@ that fails is recorded and the others still run.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from graft.grid.experiment import Experiment, load_experiment
+from graft.grid.launch import multirun
 from graft.grid.table import RESULTS, write_results
 from graft.grid.tune import run_tuning, tune_block
 from graft.train.cli import check_overrides
 from graft.train.config import flatten
 from graft.train.errors import UserError, exit_with
+from graft.transfer.studies import run_study
 
 DEFAULT_EXPERIMENT = "digits_resnet"
 OUTPUTS = Path("outputs")
@@ -41,16 +42,6 @@ def main() -> None:
         exit_with("graft-grid", error)
 
 
-def cell_overrides(experiment: Experiment, extra: list[str]) -> list[str]:
-    """The overrides every cell shares (the sweep adds M, D and the seed)."""
-    return [
-        f"task={experiment.task}",
-        *experiment.optimizer_overrides(),
-        *experiment.overrides,
-        *extra,
-    ]
-
-
 def run_grid(
     experiment: Experiment,
     extra: list[str],
@@ -59,7 +50,8 @@ def run_grid(
     *,
     tune: bool = False,
 ) -> Path:
-    """Run (or resume) every cell x seed of `experiment`; write and print its table.
+    """Run (or resume) every cell x seed of `experiment`; write and print its table. An
+    experiment with a study block runs that study instead (graft/transfer/studies.py).
 
     With `tune`, first sweep the diagonal's learning rates (graft/grid/tune.py) and run the
     grid with the best of each.
@@ -73,7 +65,7 @@ def run_grid(
                     f"{experiment.source}: optimizers.{name}.{key} is null (not known); set it "
                     "in the experiment file, or give a tune.lr list and pass --tune"
                 )
-    shared = cell_overrides(experiment, extra)
+    shared = experiment.shared_overrides(extra)
     magnitude, direction = experiment.cells()[0]
     # One representative cell composes first: a bad override fails here, not in every job.
     check_overrides(
@@ -84,31 +76,34 @@ def run_grid(
     refuse_another_version(experiment, extra, sweep_dir)
     tuning = None
     if tune:
-        chosen, tuning = run_tuning(experiment, cell_overrides(experiment, extra), sweep_dir)
+        chosen, tuning = run_tuning(experiment, experiment.shared_overrides(extra), sweep_dir)
         settings = {name: dict(values) for name, values in experiment.optimizers.items()}
         for name, lr in chosen.items():
             settings.setdefault(name, {})["lr"] = lr
         experiment = dataclasses.replace(experiment, optimizers=settings)
-        shared = cell_overrides(experiment, extra)
+        shared = experiment.shared_overrides(extra)
         sweep_dir = sweep_dir / "tuned"
-    command = [
-        sys.executable,
-        "-m",
-        "graft.train",
-        "--multirun",
-        f"optim@magnitude={','.join(experiment.magnitudes)}",
-        f"optim@direction={','.join(experiment.directions)}",
-        f"trainer.seed={','.join(map(str, experiment.seeds))}",
-        *shared,
-        f"++logger.group={experiment.name}",
-        f"hydra.sweep.dir={sweep_dir.resolve()}",
-        "hydra.sweep.subdir='${cell:${magnitude.name},${direction.name},true}/seed${trainer.seed}'",
-    ]
+    if experiment.study:
+        results = run_study(experiment, shared, sweep_dir, results_root)
+        if tuning is not None:
+            (results / "tuning.md").write_text(tuning)
+        print((results / "table.md").read_text(), flush=True)
+        return results
     cells = len(experiment.cells()) * len(experiment.seeds)
     print(f"graft-grid: {experiment.name}: {cells} runs in {sweep_dir}/", flush=True)
-    finished = subprocess.run(command)
-    if finished.returncode:
-        print(f"graft-grid: some runs failed (exit {finished.returncode}); see the table")
+    code = multirun(
+        [
+            f"optim@magnitude={','.join(experiment.magnitudes)}",
+            f"optim@direction={','.join(experiment.directions)}",
+            f"trainer.seed={','.join(map(str, experiment.seeds))}",
+            *shared,
+            f"++logger.group={experiment.name}",
+        ],
+        sweep_dir,
+        "${cell:${magnitude.name},${direction.name},true}/seed${trainer.seed}",
+    )
+    if code:
+        print(f"graft-grid: some runs failed (exit {code}); see the table")
     results = write_results(experiment, sweep_dir, results_root)
     if tuning is not None:
         (results / "tuning.md").write_text(tuning)

@@ -33,18 +33,12 @@ RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
 @dataclass
-class Cell:
-    """One M#D cell's runs: finished metrics per seed, and what failed."""
+class Runs:
+    """The seeds of one setting (a grid cell, a study's arm): finished metrics, failures."""
 
-    magnitude: str
-    direction: str
     values: dict[str, list[float]]  # metric -> one value per finished seed
     failures: list[str]  # "seed k: why"
-    run_dirs: list[Path]
-
-    @property
-    def name(self) -> str:
-        return cell_name(self.magnitude, self.direction, True)
+    run_dirs: list[Path]  # the finished runs
 
     def mean(self, metric: str) -> float | None:
         values = self.values.get(metric) or []
@@ -55,7 +49,7 @@ class Cell:
         values = self.values.get(metric) or []
         return statistics.stdev(values) if len(values) > 1 else 0.0
 
-    def text(self, metric: str, reference: float | None) -> str:
+    def text(self, metric: str, reference: float | None = None) -> str:
         values = self.values.get(metric) or []
         if not values:
             return "failed: " + "; ".join(self.failures) if self.failures else "not run"
@@ -68,25 +62,44 @@ class Cell:
         return shown
 
 
+def gather_runs(folder: Path, seeds: list[int], metrics: list[str]) -> Runs:
+    """The runs folder/seed<k>/ for every seed."""
+    runs = Runs({metric: [] for metric in metrics}, [], [])
+    for seed in seeds:
+        run_dir = folder / f"seed{seed}"
+        summary_path = run_dir / "summary.json"
+        if not summary_path.exists():
+            runs.failures.append(f"seed {seed}: no summary.json (see {run_dir}/train.log)")
+            continue
+        summary = json.loads(summary_path.read_text())
+        if summary["status"] != "finished":
+            runs.failures.append(f"seed {seed}: {summary.get('error', summary['status'])}")
+            continue
+        runs.run_dirs.append(run_dir)
+        for metric in metrics:
+            if metric in summary:
+                runs.values[metric].append(summary[metric])
+    return runs
+
+
+@dataclass
+class Cell(Runs):
+    """One M#D cell's runs."""
+
+    magnitude: str
+    direction: str
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.magnitude, self.direction, True)
+
+
 def gather(experiment: Experiment, sweep_dir: Path) -> list[Cell]:
     cells = []
     for magnitude, direction in experiment.cells():
-        cell = Cell(magnitude, direction, {m: [] for m in experiment.metrics}, [], [])
-        for seed in experiment.seeds:
-            run_dir = sweep_dir / cell.name / f"seed{seed}"
-            summary_path = run_dir / "summary.json"
-            if not summary_path.exists():
-                cell.failures.append(f"seed {seed}: no summary.json (see {run_dir}/train.log)")
-                continue
-            summary = json.loads(summary_path.read_text())
-            if summary["status"] != "finished":
-                cell.failures.append(f"seed {seed}: {summary.get('error', summary['status'])}")
-                continue
-            cell.run_dirs.append(run_dir)
-            for metric in experiment.metrics:
-                if metric in summary:
-                    cell.values[metric].append(summary[metric])
-        cells.append(cell)
+        folder = sweep_dir / cell_name(magnitude, direction, True)
+        runs = gather_runs(folder, experiment.seeds, experiment.metrics)
+        cells.append(Cell(runs.values, runs.failures, runs.run_dirs, magnitude, direction))
     return cells
 
 
@@ -287,6 +300,13 @@ def write_results(experiment: Experiment, sweep_dir: Path, results_root: Path = 
     plots(results, experiment, cells)
     schedule_plot(results, experiment, cells)
     runs = [run_dir for cell in cells for run_dir in cell.run_dirs]
+    write_provenance(results, experiment, runs)
+    log_table(experiment, cells, results, sweep_dir)
+    return results
+
+
+def write_provenance(results: Path, experiment: Experiment, runs: list[Path]) -> None:
+    """results/provenance.json: the experiment, code, versions, hardware, and every run."""
     summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in runs]
     provenance = {
         "experiment": OmegaConf.to_container(OmegaConf.load(experiment.source)),
@@ -302,8 +322,6 @@ def write_results(experiment: Experiment, sweep_dir: Path, results_root: Path = 
         },
     }
     (results / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
-    log_table(experiment, cells, results, sweep_dir)
-    return results
 
 
 def main() -> None:

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from graft.grid.experiment import Experiment
+from graft.grid.launch import multirun
 from graft.train.errors import UserError
 
 
@@ -63,22 +62,19 @@ def run_tuning(
     ]
     for name, values in sorted(block["lr"].items()):
         folder = sweep_dir / "tuning" / name
-        command = [
-            sys.executable,
-            "-m",
-            "graft.train",
-            "--multirun",
-            f"optim@magnitude={name}",
-            "graft=off",
-            *shared,
-            *(block.get("overrides") or []),
-            f"+optimizers.{name}.lr={','.join(map(str, values))}",
-            f"trainer.seed={','.join(map(str, seeds))}",
-            f"hydra.sweep.dir={folder.resolve()}",
-            f"hydra.sweep.subdir='lr${{optimizers.{name}.lr}}/seed${{trainer.seed}}'",
-        ]
         print(f"graft-grid: tuning {name}: lr in {values}", flush=True)
-        subprocess.run(command)
+        multirun(
+            [
+                f"optim@magnitude={name}",
+                "graft=off",
+                *shared,
+                *(block.get("overrides") or []),
+                f"+optimizers.{name}.lr={','.join(map(str, values))}",
+                f"trainer.seed={','.join(map(str, seeds))}",
+            ],
+            folder,
+            f"lr${{optimizers.{name}.lr}}/seed${{trainer.seed}}",
+        )
         scores = {value: score(folder, value, seeds, metric) for value in values}
         finite = {value: s for value, s in scores.items() if s is not None}
         if not finite:

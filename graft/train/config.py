@@ -81,7 +81,8 @@ def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
     for key in sorted(set(before) | set(after)):
         if any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES):
             continue
-        if before.get(key, "<absent>") != after.get(key, "<absent>"):
+        # A key absent before is its null default: configs that gain an option stay resumable.
+        if before.get(key) != after.get(key):
             differences.append(
                 f"{key}: {before.get(key, '<absent>')} -> {after.get(key, '<absent>')}"
             )

@@ -1,0 +1,367 @@
+"""Studies of one M#D pair (an experiment with a `study:` block), run by graft-grid.
+
+static (ICLR 2022, §5): M alone, D alone, M#D with its norms logged, then D with the static
+    per-layer correction derived from M#D's first seed (graft-static derive). The table puts
+    the four side by side with their optimizer state: does D + static recover M, with D's
+    memory?
+tuning_transfer: D alone at each of `lrs` (the sweep a new optimizer would need), M alone at its
+    tuned lr, and M#D once at M's lr: does one grafted run match D's best tuned run?
+schedule_trend (arXiv 2002.11803, SGD#AdaGrad): M#D with its norms logged; the schedule-free
+    ratio ‖u_M‖/‖u_D‖ over steps, fitted linear and power law (graft/transfer/trend.py).
+
+Each arm runs every seed in `outputs/<experiment>/<arm>/seed<k>/` (reruns skip finished runs);
+the results go to `results/<experiment>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graft.grid.experiment import Experiment
+from graft.grid.launch import multirun
+from graft.grid.table import Runs, gather_runs, write_provenance
+from graft.grid.tune import lower_is_better
+from graft.train.config import cell_name
+from graft.train.errors import UserError
+from graft.train.metrics import read_metrics
+from graft.transfer.recorded import load_recorded
+from graft.transfer.static import derive, parse_window, write_multipliers
+from graft.transfer.trend import fit_trend
+
+
+def run_arm(
+    experiment: Experiment, shared: list[str], sweep_dir: Path, arm: str, choices: list[str]
+) -> Runs:
+    """Every seed of one arm (finished runs are skipped), then its gathered runs."""
+    print(f"graft-grid: {experiment.name}: {arm}", flush=True)
+    multirun(
+        [
+            *choices,
+            f"trainer.seed={','.join(map(str, experiment.seeds))}",
+            *shared,
+            f"++logger.group={experiment.name}",
+        ],
+        sweep_dir,
+        f"{arm}/seed${{trainer.seed}}",
+    )
+    return gather_runs(sweep_dir / arm, experiment.seeds, experiment.metrics)
+
+
+def plain(name: str) -> list[str]:
+    return [f"optim@magnitude={name}", "graft=off"]
+
+
+def run_study(
+    experiment: Experiment, shared: list[str], sweep_dir: Path, results_root: Path
+) -> Path:
+    """Run the experiment's study; results/<experiment>/ with table.md and plots."""
+    results = results_root / experiment.name
+    results.mkdir(parents=True, exist_ok=True)
+    kind = experiment.study["kind"]
+    run = {"static": static_study, "tuning_transfer": tuning_study, "schedule_trend": trend_study}
+    table, arms = run[kind](experiment, shared, sweep_dir, results)
+    (results / "table.md").write_text(table)
+    write_provenance(results, experiment, [path for runs in arms for path in runs.run_dirs])
+    return results
+
+
+def state_bytes(runs: Runs) -> int | None:
+    if not runs.run_dirs:
+        return None
+    return json.loads((runs.run_dirs[0] / "summary.json").read_text())["optimizer_state_bytes"]
+
+
+def headline(experiment: Experiment) -> str:
+    return experiment.metrics[0]
+
+
+def header(experiment: Experiment) -> list[str]:
+    return [f"# {experiment.name}\n", experiment.description.strip() + "\n"]
+
+
+def static_study(
+    experiment: Experiment, shared: list[str], sweep_dir: Path, results: Path
+) -> tuple[str, list[Runs]]:
+    m, d = experiment.magnitudes[0], experiment.directions[0]
+    grafted = cell_name(m, d, True)
+    arms = {
+        m: run_arm(experiment, shared, sweep_dir, m, plain(m)),
+        d: run_arm(experiment, shared, sweep_dir, d, plain(d)),
+        grafted: run_arm(
+            experiment, shared, sweep_dir, grafted, [f"optim@magnitude={m}", f"optim@direction={d}"]
+        ),
+    }
+    source = sweep_dir / grafted / f"seed{experiment.seeds[0]}"
+    if not (source / "summary.json").exists():
+        raise UserError(f"{experiment.name}: {source} did not finish; no multipliers to derive")
+    recorded = load_recorded(source)
+    window = parse_window(experiment.study.get("window"), recorded)
+    content = derive(recorded, window, experiment.study.get("reduce", "median"))
+    multipliers = sweep_dir / "multipliers.json"
+    write_multipliers(multipliers, content)
+    shutil.copyfile(multipliers, results / "multipliers.json")
+    corrected = cell_name(d, d, False, static="yes")
+    arms[corrected] = run_arm(
+        experiment, shared, sweep_dir, corrected, [*plain(d), f"static={multipliers.resolve()}"]
+    )
+
+    metric = headline(experiment)
+    lines = header(experiment)
+    lines.append(
+        f"Multipliers: {len(content['multipliers'])} tensors, from {grafted} seed "
+        f"{experiment.seeds[0]}, steps {window[0]}..{window[1]} ({content['reduce']}; "
+        f"`multipliers.json`, `multipliers.png`). Mean ± std over seeds {experiment.seeds}.\n"
+    )
+    lines.append(
+        "| run | " + " | ".join(experiment.metrics) + " | optimizer state | vs " + m + " |"
+    )
+    lines.append("|---|" + "---|" * (len(experiment.metrics) + 2))
+    reference = state_bytes(arms[m])
+    for arm, runs in arms.items():
+        size = state_bytes(runs)
+        ratio = f"{size / reference:.2f}x" if size is not None and reference else "-"
+        shown = "-" if size is None else f"{size / 2**20:.2f} MiB"
+        cells = " | ".join(runs.text(name) for name in experiment.metrics)
+        lines.append(f"| {arm} | {cells} | {shown} | {ratio} |")
+    lines.append("")
+    lines.append(recovery(metric, arms[m], arms[d], arms[corrected], m, d, corrected))
+    static_plots(results, experiment, arms, content)
+    return "\n".join(lines) + "\n", list(arms.values())
+
+
+def recovery(
+    metric: str, best: Runs, base: Runs, corrected: Runs, m: str, d: str, name: str
+) -> str:
+    """How much of the gap from D to M the correction closes, on the headline metric."""
+    means = [runs.mean(metric) for runs in (best, base, corrected)]
+    if any(value is None for value in means):
+        return f"Recovery on {metric}: needs {m}, {d} and {name} to finish."
+    top, bottom, fixed = means
+    noise = max(runs.spread(metric) for runs in (best, base, corrected))
+    gap = top - bottom
+    if abs(gap) <= noise:
+        return (
+            f"On {metric}, {m} and {d} differ by {abs(gap):.4f}, within the seed spread "
+            f"({noise:.4f}): at this scale there is no gap for the correction to close."
+        )
+    closed = (fixed - bottom) / gap
+    return (
+        f"On {metric}, {name} closes {100 * closed:.0f} % of the gap from {d} "
+        f"({bottom:.4f}) to {m} ({top:.4f}): {fixed:.4f} (seed spread up to {noise:.4f})."
+    )
+
+
+def loss_curve(runs: Runs) -> tuple[list[int], np.ndarray] | None:
+    """Training loss over steps, the mean over the finished seeds."""
+    curves = []
+    for run_dir in runs.run_dirs:
+        lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in line]
+        curves.append(([line["step"] for line in lines], [line["train/loss"] for line in lines]))
+    if not curves:
+        return None
+    length = min(len(steps) for steps, _ in curves)
+    return curves[0][0][:length], np.mean([values[:length] for _, values in curves], axis=0)
+
+
+def static_plots(
+    results: Path, experiment: Experiment, arms: dict[str, Runs], content: dict[str, Any]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(content["multipliers"])
+    values = [content["multipliers"][name] for name in names]
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.16 * len(names) + 2), 4.5))
+    axis.bar(range(len(names)), values, color="tab:blue")
+    axis.set_yscale("log")
+    axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    axis.set_ylabel("multiplier m_i (× base lr)")
+    axis.set_title(
+        f"{experiment.name}: static per-layer correction from {content['magnitude']}#"
+        f"{content['direction']}, steps {content['window'][0]}..{content['window'][1]}"
+    )
+    figure.tight_layout()
+    figure.savefig(results / "multipliers.png", dpi=120)
+    plt.close(figure)
+    curves_plot(results / "curves.png", experiment, arms)
+
+
+def curves_plot(path: Path, experiment: Experiment, arms: dict[str, Runs]) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for arm, runs in arms.items():
+        curve = loss_curve(runs)
+        if curve is not None:
+            axis.plot(*curve, label=arm)
+    axis.set(xlabel="step", ylabel="train/loss (mean over seeds)", yscale="log")
+    axis.set_title(f"{experiment.name}: training loss")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def tuning_study(
+    experiment: Experiment, shared: list[str], sweep_dir: Path, results: Path
+) -> tuple[str, list[Runs]]:
+    m, d = experiment.magnitudes[0], experiment.directions[0]
+    lrs = list(experiment.study["lrs"])
+    metric = headline(experiment)
+    sweep = {}
+    for lr in lrs:
+        arm = f"{d}/lr{lr}"
+        sweep[lr] = run_arm(
+            experiment, shared, sweep_dir, arm, [*plain(d), f"+optimizers.{d}.lr={lr}"]
+        )
+    grafted = cell_name(m, d, True)
+    own = run_arm(experiment, shared, sweep_dir, m, plain(m))
+    transfer = run_arm(
+        experiment, shared, sweep_dir, grafted, [f"optim@magnitude={m}", f"optim@direction={d}"]
+    )
+    finished = {
+        lr: runs.mean(metric) for lr, runs in sweep.items() if runs.mean(metric) is not None
+    }
+    pick = min if lower_is_better(metric) else max
+    best = pick(finished, key=finished.__getitem__) if finished else None
+    m_lr = experiment.optimizers.get(m, {}).get("lr", "its configs/optim default")
+
+    lines = header(experiment)
+    lines.append(
+        f"{d} tuned the usual way: {len(lrs)} learning rates x {len(experiment.seeds)} seeds. "
+        f"{grafted}: one run per seed at {m}'s tuned lr ({m_lr}), {d}'s lr never searched. "
+        f"Mean ± std over seeds {experiment.seeds}.\n"
+    )
+    lines.append("| run | trials | " + " | ".join(experiment.metrics) + " |")
+    lines.append("|---|---|" + "---|" * len(experiment.metrics))
+    for lr, runs in sweep.items():
+        mark = " **best**" if lr == best else ""
+        cells = " | ".join(runs.text(name) for name in experiment.metrics)
+        lines.append(f"| {d} lr={lr}{mark} | 1 of {len(lrs)} | {cells} |")
+    for label, runs in ((f"{m} (tuned)", own), (grafted, transfer)):
+        cells = " | ".join(runs.text(name) for name in experiment.metrics)
+        lines.append(f"| {label} | 1 | {cells} |")
+    lines.append("")
+    if best is None or transfer.mean(metric) is None:
+        lines.append(f"Needs {grafted} and at least one {d} learning rate to finish.")
+    else:
+        gap = transfer.mean(metric) - sweep[best].mean(metric)
+        noise = max(transfer.spread(metric), sweep[best].spread(metric))
+        if abs(gap) <= noise:
+            verdict = "matches it: the gap is within the seed spread"
+        elif (gap < 0) == lower_is_better(metric):
+            verdict = "beats it"
+        else:
+            verdict = "falls short of it"
+        lines.append(
+            f"Best tuned {d}: lr={best}, {metric} {sweep[best].mean(metric):.4f}. Grafted "
+            f"{grafted}: {transfer.mean(metric):.4f}, which {verdict} ({gap:+.4f}; seed spread "
+            f"up to {noise:.4f}). Trials saved: {len(lrs) - 1} of {len(lrs)} "
+            f"({(len(lrs) - 1) * len(experiment.seeds)} runs over {len(experiment.seeds)} seeds)."
+        )
+    tuning_plot(results, experiment, sweep, transfer, grafted)
+    return "\n".join(lines) + "\n", [*sweep.values(), own, transfer]
+
+
+def tuning_plot(
+    results: Path, experiment: Experiment, sweep: dict[float, Runs], transfer: Runs, grafted: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = headline(experiment)
+    d = experiment.directions[0]
+    done = [(lr, runs) for lr, runs in sweep.items() if runs.mean(metric) is not None]
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    axis.errorbar(
+        [lr for lr, _ in done],
+        [runs.mean(metric) for _, runs in done],
+        yerr=[runs.spread(metric) for _, runs in done],
+        marker="o",
+        capsize=3,
+        label=f"{d} alone, per lr",
+    )
+    if transfer.mean(metric) is not None:
+        mean, spread = transfer.mean(metric), transfer.spread(metric)
+        axis.axhline(mean, color="tab:red", label=f"{grafted} (one trial)")
+        axis.axhspan(mean - spread, mean + spread, color="tab:red", alpha=0.15)
+    axis.set(xscale="log", xlabel=f"{d} learning rate", ylabel=f"{metric} (mean ± std)")
+    axis.set_title(f"{experiment.name}: tuning {d} vs grafting its lr")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(results / "tuning.png", dpi=120)
+    plt.close(figure)
+
+
+def trend_study(
+    experiment: Experiment, shared: list[str], sweep_dir: Path, results: Path
+) -> tuple[str, list[Runs]]:
+    m, d = experiment.magnitudes[0], experiment.directions[0]
+    grafted = cell_name(m, d, True)
+    runs = run_arm(
+        experiment, shared, sweep_dir, grafted, [f"optim@magnitude={m}", f"optim@direction={d}"]
+    )
+    trends = {run_dir.name: fit_trend(load_recorded(run_dir)) for run_dir in runs.run_dirs}
+    lines = header(experiment)
+    lines.append(
+        f"q(t): the median over tensors of ‖u_{m}‖/‖u_{d}‖ divided by the lr schedule, "
+        f"fitted per seed by least squares (R² on q for both fits; `trend.png`).\n"
+    )
+    lines.append(
+        "| seed | q at first | q at last | linear slope / step | linear R² | power p | power R² |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for seed, trend in trends.items():
+        lines.append(
+            f"| {seed} | {trend.ratio[0]:.4g} | {trend.ratio[-1]:.4g} | {trend.slope:.4g} | "
+            f"{trend.linear_r2:.3f} | {trend.power:.3f} | {trend.power_r2:.3f} |"
+        )
+    if runs.failures:
+        lines.append("\nFailed: " + "; ".join(runs.failures))
+    if trends:
+        linear = np.mean([t.linear_r2 for t in trends.values()])
+        power = np.mean([t.power_r2 for t in trends.values()])
+        rising = all(t.slope > 0 for t in trends.values())
+        lines.append(
+            f"\nOver seeds: q {'rises' if rising else 'does not rise'} in every seed; mean R² "
+            f"{linear:.3f} linear vs {power:.3f} power law (p = "
+            f"{np.mean([t.power for t in trends.values()]):.3f}): "
+            + ("a linear trend fits better" if linear > power else "a power law fits better")
+            + ". The paper reports a linearly increasing correction."
+        )
+    lines.append(
+        "\n" + "\n".join(f"- {metric}: {runs.text(metric)}" for metric in experiment.metrics)
+    )
+    trend_plot(results, experiment, trends, grafted)
+    return "\n".join(lines) + "\n", [runs]
+
+
+def trend_plot(results: Path, experiment: Experiment, trends: dict[str, Any], grafted: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, (seed, trend) in enumerate(trends.items()):
+        color = f"C{index}"
+        axis.plot(trend.steps, trend.ratio, color=color, linewidth=1, label=f"{seed}")
+        axis.plot(trend.steps, trend.linear(trend.steps), color=color, linestyle="--", linewidth=1)
+        axis.plot(
+            trend.steps, trend.power_law(trend.steps), color=color, linestyle=":", linewidth=1
+        )
+    axis.set(xlabel="step", ylabel="q(t): median ‖u_M‖/‖u_D‖ ÷ schedule")
+    axis.set_title(f"{experiment.name}: {grafted} (dashed: linear fit, dotted: power law)")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(results / "trend.png", dpi=120)
+    plt.close(figure)

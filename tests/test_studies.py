@@ -1,0 +1,132 @@
+"""The studies graft-grid runs for an experiment with a `study:` block, on a few steps each:
+static correction, tuning transfer, schedule trend; and the trend fit on known curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graft.grid.experiment import load_experiment
+from graft.grid.run import run_grid
+from graft.train.errors import UserError
+from graft.transfer.recorded import Recorded
+from graft.transfer.trend import fit_trend
+
+STUDY = """
+name: {name}
+description: A study of a few steps.
+task: digits_resnet
+grid: {{magnitude: [{m}], direction: [{d}]}}
+seeds: [0]
+optimizers:
+  sgd: {{lr: 0.05, momentum: 0.9}}
+overrides: [trainer.max_steps=4, trainer.batch_size=8, logger=none, trainer.progress=false,
+            trainer.log_every=1, trainer.log_norms_every=1, trainer.eval_every=4]
+metrics: [eval/loss, eval/top1]
+study: {study}
+"""
+
+
+def run_study(folder: Path, name: str, study: str, m: str = "adam", d: str = "sgd") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(STUDY.format(name=name, m=m, d=d, study=study))
+    return run_grid(
+        load_experiment(str(path)), [], outputs=folder / "outputs", results_root=folder / "results"
+    )
+
+
+def summary(folder: Path, name: str, arm: str) -> dict:
+    return json.loads((folder / f"outputs/{name}/{arm}/seed0/summary.json").read_text())
+
+
+def test_static_study_runs_four_arms_and_sgd_plus_static_keeps_sgd_state_alone(tmp_path):
+    results = run_study(tmp_path, "st", "{kind: static, window: '2:4'}")
+    table = (results / "table.md").read_text()
+    for arm in ("adam", "sgd", "adam#sgd", "sgd+static"):
+        assert summary(tmp_path, "st", arm)["status"] == "finished"
+        assert f"| {arm} |" in table
+    derived = json.loads((results / "multipliers.json").read_text())
+    assert derived["window"] == [2, 4] and derived["source"].endswith("adam#sgd/seed0")
+    static = summary(tmp_path, "st", "sgd+static")
+    assert (
+        static["optimizer_state_bytes"] == summary(tmp_path, "st", "sgd")["optimizer_state_bytes"]
+    )
+    assert "| sgd+static |" in table and "| 0.50x |" in table.split("| sgd+static |")[1]
+    assert (results / "multipliers.png").exists() and (results / "curves.png").exists()
+    assert "steps 2..4" in table
+
+
+def test_tuning_transfer_study_reports_best_tuned_d_grafted_d_and_trials_saved(tmp_path):
+    results = run_study(
+        tmp_path, "tt", "{kind: tuning_transfer, lrs: [0.01, 0.1]}", m="sgd", d="adagrad"
+    )
+    table = (results / "table.md").read_text()
+    for lr in (0.01, 0.1):
+        assert summary(tmp_path, "tt", f"adagrad/lr{lr}")["optimizers"]["magnitude"]["lr"] == lr
+    grafted = summary(tmp_path, "tt", "sgd#adagrad")
+    assert grafted["optimizers"]["magnitude"]["lr"] == 0.05  # SGD's tuned lr, once
+    assert table.count("**best**") == 1
+    assert "Trials saved: 1 of 2 (1 runs over 1 seeds)" in table
+    assert (results / "tuning.png").exists()
+
+
+def test_schedule_trend_study_fits_each_seed(tmp_path):
+    results = run_study(tmp_path, "tr", "{kind: schedule_trend}", m="sgd", d="adagrad")
+    table = (results / "table.md").read_text()
+    assert "| seed0 |" in table and "linear R²" in table
+    assert (results / "trend.png").exists()
+
+
+def recorded(steps: np.ndarray, ratio: np.ndarray) -> Recorded:
+    return Recorded(
+        run_dir=Path("run"),
+        steps=steps,
+        ratios={"a": ratio, "b": ratio * 1.0, "c": ratio},
+        config={"trainer": {"max_steps": int(steps[-1])}, "schedule": {"name": "constant"}},
+    )
+
+
+def test_the_trend_fit_recovers_a_line_and_a_power_law():
+    steps = np.arange(10, 510, 10)
+    line = fit_trend(recorded(steps, 0.5 + 0.01 * steps))
+    assert line.slope == pytest.approx(0.01) and line.intercept == pytest.approx(0.5)
+    assert line.linear_r2 == pytest.approx(1.0) and line.power_r2 < 1.0
+    power = fit_trend(recorded(steps, 3.0 * steps**0.5))
+    assert power.power == pytest.approx(0.5) and power.scale == pytest.approx(3.0)
+    assert power.power_r2 == pytest.approx(1.0) and power.linear_r2 < 1.0
+
+
+def test_the_trend_divides_out_the_runs_schedule():
+    steps = np.arange(1, 101)
+    # linear decay: the step logged at t used s(t - 1) = 1 - (t - 1)/100
+    factors = 1 - (steps - 1) / 100
+    trend = fit_trend(
+        Recorded(
+            run_dir=Path("run"),
+            steps=steps,
+            ratios={"a": 2.0 * steps * factors},
+            config={"trainer": {"max_steps": 100}, "schedule": {"name": "linear"}},
+        )
+    )
+    assert trend.slope == pytest.approx(2.0) and trend.linear_r2 == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("study", "grid", "message"),
+    [
+        ("{kind: sometimes}", "[adam]", "study.kind 'sometimes' is unknown; allowed: static"),
+        ("{kind: static, lrs: [1]}", "[adam]", "study option 'lrs' does not apply to static"),
+        ("{kind: tuning_transfer}", "[adam]", "needs lrs: \\[the direction's learning rates"),
+        ("{kind: static}", "[adam, sgd]", "grid needs one magnitude and one direction"),
+    ],
+)
+def test_a_bad_study_block_is_named(tmp_path, study, grid, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        STUDY.format(name="bad", m="adam", d="sgd", study=study).replace("[adam]", grid)
+    )
+    with pytest.raises(UserError, match=message):
+        load_experiment(str(path))
