@@ -195,6 +195,10 @@ def test_the_shipped_experiments_load():
         "tiny_bert",
         "imagenet_resnet50",
         "bert_base",
+        "bert_sgd_static",
+        "digits_static",
+        "digits_tuning_transfer",
+        "adagrad_schedule",
     } <= set(available())
     for name in available():
         experiment = load_experiment(name)
