@@ -121,6 +121,8 @@ def test_the_trend_divides_out_the_runs_schedule():
         ("{kind: static, lrs: [1]}", "[adam]", "study option 'lrs' does not apply to static"),
         ("{kind: tuning_transfer}", "[adam]", "needs lrs: \\[the direction's learning rates"),
         ("{kind: static}", "[adam, sgd]", "grid needs one magnitude and one direction"),
+        ("{kind: static, window: 10:20}", "[adam]", "study.window 620 is not 'START:END'"),
+        ("{kind: static, reduce: max}", "[adam]", "study.reduce 'max' is unknown"),
     ],
 )
 def test_a_bad_study_block_is_named(tmp_path, study, grid, message):

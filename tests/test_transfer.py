@@ -130,7 +130,7 @@ def test_sgd_with_static_multipliers_has_per_tensor_lrs_and_sgd_state_alone(sour
     path = source / "multipliers.json"
     content = json.loads(path.read_text())
     assert content["window"] == [4, 12]  # after the 3 warmup steps
-    assert "train with: graft=off static=" in result.stdout
+    assert "plus: graft=off static=" in result.stdout
 
     cfg = config("optim@magnitude=sgd", "graft=off", f"static='{path}'", "magnitude.lr=0.05")
     model = build_task(cfg["task"], seed=0, cache_dir=tmp_path).model
@@ -221,3 +221,75 @@ def test_graft_static_bad_input_is_one_line_and_exit_code_2(source, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
     assert (tmp_path / "taken.json").read_text() == "{}"
     assert OmegaConf.load(source / ".hydra/config.yaml").trainer.max_steps == 12
+
+
+def test_a_globally_grafted_run_yields_the_one_ratio_it_applied(tmp_path):
+    run_dir = tmp_path / "global"
+    assert (
+        train_in_process(
+            run_dir, "graft=global", "trainer.max_steps=2", "trainer.log_norms_every=1"
+        )
+        == 0
+    )
+    recorded = load_recorded(run_dir)
+    line = metric_lines(run_dir)[0]
+    names = [
+        key.removeprefix("norms/direction/") for key in line if key.startswith("norms/direction/")
+    ]
+    total_m = sum(line[f"norms/magnitude/{n}"] ** 2 for n in names) ** 0.5
+    total_d = sum(line[f"norms/direction/{n}"] ** 2 for n in names) ** 0.5
+    for ratios in recorded.ratios.values():
+        assert ratios[0] == pytest.approx(total_m / total_d, rel=1e-12)
+
+
+def test_a_tensor_missing_from_a_norms_line_is_nan_there_not_misaligned(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "graft": {"granularity": "tensor"},
+                "magnitude": {"name": "adam"},
+                "direction": {"name": "sgd"},
+            }
+        ),
+        tmp_path / ".hydra/config.yaml",
+    )
+    lines = [
+        {"step": 1, "norms/magnitude/a": 2.0, "norms/direction/a": 1.0},
+        {
+            "step": 2,
+            "norms/magnitude/a": 4.0,
+            "norms/direction/a": 1.0,
+            "norms/magnitude/b": 3.0,
+            "norms/direction/b": 1.0,
+        },
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    recorded = load_recorded(tmp_path)
+    assert list(recorded.ratios["a"]) == [2.0, 4.0]
+    assert np.isnan(recorded.ratios["b"][0]) and recorded.ratios["b"][1] == 3.0
+
+
+def test_replay_applies_the_recorded_schedule_exactly_between_logged_steps():
+    """Norms every 4 steps of a 10-step warmup: the replayed lr at step 1 is the warmup's
+    1/10 times the interpolated schedule-free ratio, not the ratio logged at step 4."""
+    from graft.transfer.replay import ratio_at
+
+    steps = np.array([4, 8, 12])
+    free = np.array([2.0, 2.0, 3.0])
+    warmup = lambda step: min(1.0, (step + 1) / 10)  # noqa: E731
+    assert ratio_at(0, steps, free, warmup) == pytest.approx(2.0 * 0.1)
+    assert ratio_at(9, steps, free, warmup) == pytest.approx(2.5 * 1.0)
+
+
+def test_static_and_replay_together_are_refused(source):
+    cfg = config(
+        "optim@magnitude=sgd",
+        "graft=off",
+        f"static='{source / 'multipliers.json'}'",
+        "schedule=replay",
+        f"schedule.run='{source}'",
+    )
+    model = build_task(cfg["task"], seed=0, cache_dir=Path(".")).model
+    with pytest.raises(UserError, match="would apply the correction twice"):
+        build_optimizer(model, cfg)

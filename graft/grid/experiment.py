@@ -19,6 +19,7 @@ An experiment (`experiments/<name>.yaml`) holds:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from omegaconf import OmegaConf
 
 from graft.train.config import cell_name, group_options
 from graft.train.errors import UserError
+from graft.transfer.static import REDUCTIONS
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 KEYS = (
@@ -180,6 +182,17 @@ def check_study(experiment: Experiment, path: Path) -> None:
     if len(experiment.magnitudes) != 1 or len(experiment.directions) != 1:
         raise UserError(
             f"{path}: a {kind} study is of one pair: grid needs one magnitude and one direction"
+        )
+    window = experiment.study.get("window")
+    if window is not None and not (isinstance(window, str) and re.fullmatch(r"\d*:\d*", window)):
+        raise UserError(
+            f"{path}: study.window {window!r} is not 'START:END' in steps; quote it "
+            "(YAML reads 10:20 unquoted as a number), or null for the default"
+        )
+    if experiment.study.get("reduce", "median") not in REDUCTIONS:
+        raise UserError(
+            f"{path}: study.reduce {experiment.study['reduce']!r} is unknown; allowed: "
+            f"{', '.join(REDUCTIONS)}"
         )
     if kind == "tuning_transfer" and not experiment.study.get("lrs"):
         raise UserError(

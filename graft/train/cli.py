@@ -33,11 +33,16 @@ PATH_KEYS = ("static", "schedule.run")
 
 
 def quote_paths(args: list[str]) -> list[str]:
-    """static=outputs/x/adam#sgd/... -> static='outputs/x/adam#sgd/...' (unless quoted)."""
+    """static=outputs/x/adam#sgd/... -> static='outputs/x/adam#sgd/...' (unless quoted or
+    null). A quoted value is one path: such keys are not swept with commas."""
     quoted = []
     for arg in args:
         key, _, value = arg.partition("=")
-        if key.lstrip("+") in PATH_KEYS and value and value[0] not in "'\"":
+        if (
+            key.lstrip("+") in PATH_KEYS
+            and value not in ("", "null", "???")
+            and value[0] not in "'\""
+        ):
             arg = f"{key}='{value}'"
         quoted.append(arg)
     return quoted

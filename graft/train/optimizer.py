@@ -42,6 +42,11 @@ def build_optimizer(model: nn.Module, config: Mapping[str, Any]) -> Graft:
     magnitude, direction = optimizer_specs(config)
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     per_tensor = bool(config.get("static")) or config["schedule"]["name"] == "replay"
+    if config.get("static") and config["schedule"]["name"] == "replay":
+        raise UserError(
+            f"static={config['static']} with schedule=replay would apply the correction twice "
+            "(a replay already holds it); choose one"
+        )
     if per_tensor:
         multipliers = (
             load_multipliers(config["static"], [name for name, _ in named])

@@ -26,7 +26,8 @@ def run_derive(args: argparse.Namespace) -> None:
         f"{out}: {len(values)} multipliers from {content['magnitude']}#{content['direction']} "
         f"steps {window[0]}..{window[1]} ({content['steps_used']} logged, {args.reduce}); "
         f"range {values[0]:.3g}..{values[-1]:.3g}, median {values[len(values) // 2]:.3g}\n"
-        f"train with: graft=off static={out} optim@magnitude={content['direction']} "
+        f"train with the source run's task, schedule and settings, plus: graft=off "
+        f"static={out} optim@magnitude={content['direction']} "
         f"magnitude.lr={content['direction_lr']:g}"
     )
 

@@ -10,6 +10,7 @@ lr_D · r_i(t) · (D's unit-lr step).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,21 +26,34 @@ from graft.train.schedules import lr_multiplier
 MAGNITUDE, DIRECTION = "norms/magnitude/", "norms/direction/"
 
 
-def implicit_schedules(run_dir: Path) -> tuple[list[int], dict[str, list[float]]]:
+def implicit_schedules(
+    run_dir: Path, *, applied: bool = False
+) -> tuple[list[int], dict[str, list[float]]]:
     """(steps, {parameter: ‖u_M‖/‖u_D‖ at those steps}) from a run's norm lines; no steps for
-    a run that was not grafted or logged no norms. A zero ‖u_D‖ gives NaN."""
-    steps: list[int] = []
-    ratios: dict[str, list[float]] = {}
-    for line in read_metrics(run_dir / "metrics.jsonl"):
-        names = [key.removeprefix(DIRECTION) for key in line if key.startswith(DIRECTION)]
-        if not names:
-            continue
-        steps.append(line["step"])
+    a run that was not grafted or logged no norms. A zero ‖u_D‖, or a tensor missing from a
+    line (no gradient at that step), gives NaN there.
+
+    applied: for a run grafted with granularity global, the one ratio every tensor was scaled
+    by, √Σ‖u_M‖² / √Σ‖u_D‖² over the line's tensors, in place of each tensor's own.
+    """
+    lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if has_norms(line)]
+    names = list(dict.fromkeys(key for line in lines for key in line if key.startswith(DIRECTION)))
+    names = [name.removeprefix(DIRECTION) for name in names]
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    for line in lines:
+        if applied:
+            total_m = math.sqrt(sum(line.get(MAGNITUDE + n, 0.0) ** 2 for n in names))
+            total_d = math.sqrt(sum(line.get(DIRECTION + n, 0.0) ** 2 for n in names))
+            shared = total_m / total_d if total_d > 0 else math.nan
         for name in names:
-            direction = line[DIRECTION + name]
-            ratio = line[MAGNITUDE + name] / direction if direction > 0 else float("nan")
-            ratios.setdefault(name, []).append(ratio)
-    return steps, ratios
+            direction = line.get(DIRECTION + name, 0.0)
+            ratio = line[MAGNITUDE + name] / direction if direction > 0 else math.nan
+            ratios[name].append(shared if applied and direction > 0 else ratio)
+    return [line["step"] for line in lines], ratios
+
+
+def has_norms(line: dict[str, Any]) -> bool:
+    return any(key.startswith(DIRECTION) for key in line)
 
 
 @dataclass
@@ -64,17 +78,22 @@ class Recorded:
     def warmup_steps(self) -> int:
         return int(self.config["schedule"].get("warmup_steps", 0))
 
-    def schedule_factors(self) -> np.ndarray:
-        """s(t), the run's schedule multiplier at each recorded step (step t used s(t - 1))."""
+    def schedule_multiplier(self, step: int) -> float:
+        """The run's lr schedule at the 0-based step about to be taken."""
         schedule = dict(self.config["schedule"])
         name = schedule.pop("name")
-        max_steps = self.config["trainer"]["max_steps"]
-        return np.array(
-            [
-                lr_multiplier(int(step) - 1, name=name, max_steps=max_steps, **schedule)
-                for step in self.steps
-            ]
+        return lr_multiplier(
+            step, name=name, max_steps=self.config["trainer"]["max_steps"], **schedule
         )
+
+    def schedule_factors(self) -> np.ndarray:
+        """s(t), the run's schedule multiplier at each recorded step (step t used s(t - 1))."""
+        return np.array([self.schedule_multiplier(int(step) - 1) for step in self.steps])
+
+    def schedule_free(self) -> dict[str, np.ndarray]:
+        """q_i(t) = r_i(t) / s(t): the ratios with the run's own lr schedule divided out."""
+        factors = self.schedule_factors()
+        return {name: ratios / factors for name, ratios in self.ratios.items()}
 
 
 def load_recorded(run_dir: Path, what: str = "RUN_DIR") -> Recorded:
@@ -84,7 +103,8 @@ def load_recorded(run_dir: Path, what: str = "RUN_DIR") -> Recorded:
     if not config_path.exists():
         raise UserError(f"{what} {run_dir} is not a graft-train run directory (no .hydra/)")
     config = OmegaConf.to_container(OmegaConf.load(config_path))
-    steps, ratios = implicit_schedules(run_dir)
+    # Global grafting scaled every tensor by one ratio: that, not each tensor's, was applied.
+    steps, ratios = implicit_schedules(run_dir, applied=config["graft"]["granularity"] == "global")
     if not steps:
         magnitude, direction = config["magnitude"]["name"], config["direction"]["name"]
         grafted = config["graft"]["enabled"] and magnitude != direction

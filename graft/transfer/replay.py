@@ -1,10 +1,11 @@
 """`schedule=replay`: a grafted run's whole per-layer schedule, applied to a plain optimizer.
 
 Tensor i's learning rate at step t is lr · r_i(t), with r_i the run's recorded ‖u_M‖/‖u_D‖
-(graft/transfer/recorded.py) interpolated linearly between logged steps. With lr the
-recorded run's D learning rate and D as the plain optimizer, the replay takes the grafted
-run's steps: with norms logged every step it retraces that run (to rounding), and with norms
-logged every N steps it follows the schedule's interpolation.
+(graft/transfer/recorded.py). Between logged steps (and before the first) the schedule-free
+part q_i = r_i / s is interpolated linearly (held flat outside), and the recorded run's own
+schedule s is applied exactly, so a warmup or a step decay between logged steps is not smeared.
+With lr the recorded run's D learning rate and D as the plain optimizer, the replay takes the
+grafted run's steps: with norms logged every step it retraces that run (to rounding).
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from graft.train.errors import UserError
 from graft.transfer.recorded import load_recorded
 
 
-def ratio_at(step: int, steps: np.ndarray, ratios: np.ndarray) -> float:
-    """r at the 0-based step about to be taken (logged on line step + 1), interpolated."""
-    return float(np.interp(step + 1, steps, ratios))
+def ratio_at(
+    step: int, steps: np.ndarray, free: np.ndarray, schedule: Callable[[int], float]
+) -> float:
+    """r at the 0-based step about to be taken (logged on line step + 1): q interpolated,
+    times the recorded run's schedule at that step."""
+    return float(np.interp(step + 1, steps, free)) * schedule(step)
+
+
+def unscaled(step: int) -> float:
+    return 1.0
 
 
 def replay_multipliers(
@@ -42,12 +50,20 @@ def replay_multipliers(
             f"{where} recorded steps up to {last}, fewer than trainer.max_steps={max_steps}; "
             f"set trainer.max_steps<={last}"
         )
-    functions = []
+    schedule_free = recorded.schedule_free()
+    functions: list[Callable[[int], float]] = []
     for name in names:
-        ratios = recorded.ratios[name]
-        finite = np.isfinite(ratios)
+        free = schedule_free[name]
+        finite = np.isfinite(free)
         if not finite.any():  # ‖u_D‖ was 0 throughout: no step to scale
-            functions.append(lambda step: 1.0)
+            functions.append(unscaled)
             continue
-        functions.append(partial(ratio_at, steps=recorded.steps[finite], ratios=ratios[finite]))
+        functions.append(
+            partial(
+                ratio_at,
+                steps=recorded.steps[finite],
+                free=free[finite],
+                schedule=recorded.schedule_multiplier,
+            )
+        )
     return functions

@@ -69,14 +69,14 @@ def derive(recorded: Recorded, window: tuple[int, int], reduce: str = "median") 
     if reduce not in REDUCTIONS:
         raise UserError(f"--reduce {reduce!r} is unknown; allowed: {', '.join(REDUCTIONS)}")
     inside = (recorded.steps >= window[0]) & (recorded.steps <= window[1])
-    factors = recorded.schedule_factors()[inside]
-    reducer = np.nanmedian if reduce == "median" else np.nanmean
+    reducer = np.median if reduce == "median" else np.mean
     multipliers, without = {}, []
-    for name, ratios in recorded.ratios.items():
-        values = ratios[inside] / factors
-        if np.isfinite(values).any():
-            multipliers[name] = float(reducer(values[np.isfinite(values)]))
-        else:  # ‖u_D‖ was 0 throughout (no gradient reached it): its step is 0 at any lr
+    for name, free in recorded.schedule_free().items():
+        values = free[inside][np.isfinite(free[inside])]
+        multiplier = float(reducer(values)) if len(values) else 0.0
+        if multiplier > 0:
+            multipliers[name] = multiplier
+        else:  # no gradient reached it in the window (‖u_D‖ or ‖u_M‖ = 0): any lr steps by 0
             multipliers[name] = 1.0
             without.append(name)
     magnitude, direction = recorded.pair
@@ -99,7 +99,8 @@ def write_multipliers(path: Path, content: Mapping[str, Any]) -> None:
     text = json.dumps(content, indent=2) + "\n"
     if path.exists() and path.read_text() != text:
         raise UserError(
-            f"{path} already holds other multipliers; pass --out with a new path (or delete it)"
+            f"{path} already holds other multipliers; delete it, or write elsewhere "
+            "(graft-static derive --out PATH)"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

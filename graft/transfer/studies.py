@@ -105,7 +105,7 @@ def static_study(
     multipliers = sweep_dir / "multipliers.json"
     write_multipliers(multipliers, content)
     shutil.copyfile(multipliers, results / "multipliers.json")
-    corrected = cell_name(d, d, False, static="yes")
+    corrected = f"{d}+static"  # as graft-train names such a run
     arms[corrected] = run_arm(
         experiment, shared, sweep_dir, corrected, [*plain(d), f"static={multipliers.resolve()}"]
     )
@@ -219,7 +219,7 @@ def tuning_study(
     for lr in lrs:
         arm = f"{d}/lr{lr}"
         sweep[lr] = run_arm(
-            experiment, shared, sweep_dir, arm, [*plain(d), f"+optimizers.{d}.lr={lr}"]
+            experiment, shared, sweep_dir, arm, [*plain(d), f"++optimizers.{d}.lr={lr}"]
         )
     grafted = cell_name(m, d, True)
     own = run_arm(experiment, shared, sweep_dir, m, plain(m))
