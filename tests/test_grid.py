@@ -13,6 +13,7 @@ import pytest
 from graft.grid.compare import compare
 from graft.grid.experiment import available, load_experiment
 from graft.grid.run import run_grid
+from graft.grid.table import Cell, closer_to
 from graft.train.errors import UserError
 
 TINY_EXPERIMENT = """
@@ -100,6 +101,27 @@ def test_graft_compare_writes_metrics_and_curves(grid):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError, match="no summary.json and no seed"):
         compare([folder / "outputs"], folder / "compare")
+
+
+def test_closer_to_calls_each_cell_and_ties_within_the_seed_spread():
+    def cell(m, d, *values):
+        return Cell({"loss": list(values)}, [], [], m, d)
+
+    cells = [
+        cell("a", "a", 1.0, 1.0),
+        cell("a", "b", 1.1, 1.1),  # 0.1 from a#a, 0.9 from b#b: the magnitude's
+        cell("b", "a", 1.2, 1.2),  # 0.8 from b#b, 0.2 from a#a: the direction's
+        cell("b", "b", 2.0, 2.0),
+    ]
+    lines = closer_to(cells, "loss")
+    assert lines[0].startswith("- a#b: 1.1000, closer to M#M")
+    assert lines[1].startswith("- b#a: 1.2000, closer to D#D")
+    assert "1 of 2 closer to the magnitude's M#M, 1 to the direction's D#D, 0 within" in lines[2]
+    noisy = [*cells[:3], cell("b", "b", 1.0, 3.0)]  # b#b's spread swallows both gaps
+    assert (
+        "0 of 2 closer to the magnitude's M#M, 0 to the direction's D#D, 2 within"
+        in (closer_to(noisy, "loss")[-1])
+    )
 
 
 def test_a_rerun_skips_finished_cells(grid, capfd):

@@ -103,15 +103,15 @@ def gather(experiment: Experiment, sweep_dir: Path) -> list[Cell]:
     return cells
 
 
-def closer_to(experiment: Experiment, cells: list[Cell]) -> list[str]:
-    """For each off-diagonal M#D: is its headline metric nearer M#M's or D#D's?
+def closer_to(cells: list[Cell], metric: str) -> list[str]:
+    """For each off-diagonal M#D: is its `metric` nearer M#M's or D#D's? Then a tally.
 
     A difference smaller than the largest seed spread of the three cells is called a tie:
     with few seeds, closer by less than the noise is not closer.
     """
-    metric = experiment.metrics[0]
     by_name = {cell.name: cell for cell in cells}
     lines = []
+    tally = {"M#M": 0, "D#D": 0, "tie": 0}
     for cell in cells:
         m, d = cell.magnitude, cell.direction
         trio = [cell, by_name.get(f"{m}#{m}"), by_name.get(f"{d}#{d}")]
@@ -120,22 +120,34 @@ def closer_to(experiment: Experiment, cells: list[Cell]) -> list[str]:
         mine, own_m, own_d = (c.mean(metric) for c in trio)
         to_m, to_d = abs(mine - own_m), abs(mine - own_d)
         noise = max(c.spread(metric) for c in trio)
-        if abs(to_m - to_d) <= noise:
-            verdict = f"neither: the gap is within the seed spread ({noise:.4f})"
-        elif to_m < to_d:
-            verdict = "closer to M#M (the magnitude's)"
-        else:
-            verdict = "closer to D#D (the direction's)"
+        side = "tie" if abs(to_m - to_d) <= noise else "M#M" if to_m < to_d else "D#D"
+        tally[side] += 1
+        verdict = {
+            "tie": f"neither: the gap is within the seed spread ({noise:.4f})",
+            "M#M": "closer to M#M (the magnitude's)",
+            "D#D": "closer to D#D (the direction's)",
+        }[side]
         lines.append(
             f"- {cell.name}: {mine:.4f}, {verdict}; |Δ| to {m}#{m} {to_m:.4f}, "
             f"to {d}#{d} {to_d:.4f}"
         )
-    return lines
+    if not lines:
+        return ["- (needs the diagonal cells)"]
+    return [
+        *lines,
+        f"\nOn {metric}: {tally['M#M']} of {len(lines)} closer to the magnitude's M#M, "
+        f"{tally['D#D']} to the direction's D#D, {tally['tie']} within the seed spread.",
+    ]
 
 
 def markdown(experiment: Experiment, cells: list[Cell]) -> str:
     by_name = {cell.name: cell for cell in cells}
     parts = [f"# {experiment.name}\n", experiment.description.strip() + "\n"]
+    parts.append(
+        "The diagonal M#M is plain M. Under each table: does M#D land closer to the "
+        "magnitude's own result (M#M) or to the direction's (D#D)? The paper's claim: the "
+        "magnitude decides.\n"
+    )
     for metric in experiment.metrics:
         parts.append(
             f"\n## {metric} (mean ± std over seeds {experiment.seeds}; rows M, columns D)\n"
@@ -149,11 +161,8 @@ def markdown(experiment: Experiment, cells: list[Cell]) -> str:
                 reference = experiment.reference.get(name, {}).get(metric)
                 row.append(by_name[name].text(metric, reference))
             parts.append(f"| **{m}** | " + " | ".join(row) + " |")
-    parts.append(
-        f"\nThe diagonal M#M is plain M. Does M#D land closer to the magnitude's own result or to "
-        f"the direction's ({experiment.metrics[0]})? The paper's claim: the magnitude decides.\n"
-    )
-    parts.extend(closer_to(experiment, cells) or ["- (needs the diagonal cells)"])
+        parts.append("")
+        parts.extend(closer_to(cells, metric))
     return "\n".join(parts) + "\n"
 
 
