@@ -13,8 +13,8 @@ import json
 import statistics
 from pathlib import Path
 
+from graft.grid.table import mean_loss_curve
 from graft.train.errors import UserError, exit_with
-from graft.train.metrics import read_metrics
 from graft.transfer.recorded import implicit_schedules
 
 
@@ -80,15 +80,7 @@ def plot(groups: dict[str, list[Path]], path: Path) -> None:
 
     figure, (losses, schedules) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, runs in groups.items():
-        curves = []
-        for run in runs:
-            lines = [line for line in read_metrics(run / "metrics.jsonl") if "train/loss" in line]
-            curves.append(
-                ([line["step"] for line in lines], [line["train/loss"] for line in lines])
-            )
-        length = min(len(steps) for steps, _ in curves)
-        mean = np.mean([values[:length] for _, values in curves], axis=0)
-        losses.plot(curves[0][0][:length], mean, label=label)
+        losses.plot(*mean_loss_curve(runs), label=label)
         steps, ratios = implicit_schedules(runs[0])
         if steps:
             median = np.nanmedian(np.array(list(ratios.values())), axis=0)

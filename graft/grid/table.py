@@ -294,6 +294,20 @@ def schedule_plot(results: Path, experiment: Experiment, cells: list[Cell]) -> N
     plt.close(figure)
 
 
+def mean_loss_curve(run_dirs: list[Path]) -> tuple[list[int], Any] | None:
+    """(steps, train/loss averaged over the runs), over the steps all of them logged."""
+    import numpy as np
+
+    curves = []
+    for run_dir in run_dirs:
+        lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in line]
+        curves.append(([line["step"] for line in lines], [line["train/loss"] for line in lines]))
+    if not curves:
+        return None
+    length = min(len(steps) for steps, _ in curves)
+    return curves[0][0][:length], np.mean([values[:length] for _, values in curves], axis=0)
+
+
 def chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[index : index + size] for index in range(0, len(items), size)]
 

@@ -24,11 +24,10 @@ import numpy as np
 
 from graft.grid.experiment import Experiment
 from graft.grid.launch import multirun
-from graft.grid.table import Runs, gather_runs, write_provenance
+from graft.grid.table import Runs, gather_runs, mean_loss_curve, write_provenance
 from graft.grid.tune import lower_is_better
 from graft.train.config import cell_name
 from graft.train.errors import UserError
-from graft.train.metrics import read_metrics
 from graft.transfer.recorded import load_recorded
 from graft.transfer.static import derive, parse_window, write_multipliers
 from graft.transfer.trend import fit_trend
@@ -54,6 +53,10 @@ def run_arm(
 
 def plain(name: str) -> list[str]:
     return [f"optim@magnitude={name}", "graft=off"]
+
+
+def grafted_pair(m: str, d: str) -> list[str]:
+    return [f"optim@magnitude={m}", f"optim@direction={d}"]
 
 
 def run_study(
@@ -92,9 +95,7 @@ def static_study(
     arms = {
         m: run_arm(experiment, shared, sweep_dir, m, plain(m)),
         d: run_arm(experiment, shared, sweep_dir, d, plain(d)),
-        grafted: run_arm(
-            experiment, shared, sweep_dir, grafted, [f"optim@magnitude={m}", f"optim@direction={d}"]
-        ),
+        grafted: run_arm(experiment, shared, sweep_dir, grafted, grafted_pair(m, d)),
     }
     source = sweep_dir / grafted / f"seed{experiment.seeds[0]}"
     if not (source / "summary.json").exists():
@@ -156,18 +157,6 @@ def recovery(
     )
 
 
-def loss_curve(runs: Runs) -> tuple[list[int], np.ndarray] | None:
-    """Training loss over steps, the mean over the finished seeds."""
-    curves = []
-    for run_dir in runs.run_dirs:
-        lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in line]
-        curves.append(([line["step"] for line in lines], [line["train/loss"] for line in lines]))
-    if not curves:
-        return None
-    length = min(len(steps) for steps, _ in curves)
-    return curves[0][0][:length], np.mean([values[:length] for _, values in curves], axis=0)
-
-
 def static_plots(
     results: Path, experiment: Experiment, arms: dict[str, Runs], content: dict[str, Any]
 ) -> None:
@@ -198,7 +187,7 @@ def curves_plot(path: Path, experiment: Experiment, arms: dict[str, Runs]) -> No
 
     figure, axis = plt.subplots(figsize=(8, 5))
     for arm, runs in arms.items():
-        curve = loss_curve(runs)
+        curve = mean_loss_curve(runs.run_dirs)
         if curve is not None:
             axis.plot(*curve, label=arm)
     axis.set(xlabel="step", ylabel="train/loss (mean over seeds)", yscale="log")
@@ -223,9 +212,7 @@ def tuning_study(
         )
     grafted = cell_name(m, d, True)
     own = run_arm(experiment, shared, sweep_dir, m, plain(m))
-    transfer = run_arm(
-        experiment, shared, sweep_dir, grafted, [f"optim@magnitude={m}", f"optim@direction={d}"]
-    )
+    transfer = run_arm(experiment, shared, sweep_dir, grafted, grafted_pair(m, d))
     finished = {
         lr: runs.mean(metric) for lr, runs in sweep.items() if runs.mean(metric) is not None
     }
@@ -307,9 +294,7 @@ def trend_study(
 ) -> tuple[str, list[Runs]]:
     m, d = experiment.magnitudes[0], experiment.directions[0]
     grafted = cell_name(m, d, True)
-    runs = run_arm(
-        experiment, shared, sweep_dir, grafted, [f"optim@magnitude={m}", f"optim@direction={d}"]
-    )
+    runs = run_arm(experiment, shared, sweep_dir, grafted, grafted_pair(m, d))
     trends = {run_dir.name: fit_trend(load_recorded(run_dir)) for run_dir in runs.run_dirs}
     lines = header(experiment)
     lines.append(
