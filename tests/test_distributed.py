@@ -83,10 +83,11 @@ def test_accumulation_of_two_half_batches_equals_one_batch(tmp_path):
     assert max(differences.values()) < 1e-6
 
 
-def grafted_norms_on_rank(rank: int, world_size: int, port: int, results: Path) -> None:
+def grafted_norms_on_rank(rank: int, world_size: int, results: Path) -> None:
     """One DDP rank: a few adam#sgd steps on its own data; saves its last norms."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file rendezvous: no port that another test or job could hold.
+    store = f"file://{results / 'rendezvous'}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size)
     torch.manual_seed(0)
     model = DistributedDataParallel(
         torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
@@ -99,12 +100,14 @@ def grafted_norms_on_rank(rank: int, world_size: int, port: int, results: Path) 
         optimizer.zero_grad()
     norms = optimizer.last_norms
     torch.save({"magnitude": norms.magnitude, "direction": norms.direction}, results / f"{rank}.pt")
+    # Without it a rank can close its gloo pairs while the other still uses them (SIGABRT).
+    dist.barrier()
     dist.destroy_process_group()
 
 
 def test_every_rank_computes_the_same_grafting_norms(tmp_path):
     """DDP averages gradients before Graft sees them, so no rank needs another's norms."""
-    mp.spawn(grafted_norms_on_rank, args=(2, 29511, tmp_path), nprocs=2)
+    mp.spawn(grafted_norms_on_rank, args=(2, tmp_path), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
     assert torch.equal(rank0["magnitude"], rank1["magnitude"])
     assert torch.equal(rank0["direction"], rank1["direction"])
