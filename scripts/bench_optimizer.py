@@ -117,6 +117,30 @@ CONFIGS = [
         "as adam#sgd",
     ),
     Config(
+        "Graft adam#sgd, compiled",
+        lambda p: graft.Graft(p, magnitude=ADAM, direction=SGD, compile=True),
+        36,
+        "as adam#sgd",
+    ),
+    Config(
+        "Graft sgd#adam, compiled",
+        lambda p: graft.Graft(p, magnitude=SGD, direction=ADAM, compile=True),
+        36,
+        "as sgd#adam",
+    ),
+    Config(
+        "Graft adagrad#adam, compiled",
+        lambda p: graft.Graft(p, magnitude=ADAGRAD, direction=ADAM, compile=True),
+        44,
+        "as adagrad#adam",
+    ),
+    Config(
+        "Graft adam#sgd, global, compiled",
+        lambda p: graft.Graft(p, magnitude=ADAM, direction=SGD, granularity="global", compile=True),
+        40,
+        "as adam#sgd, global",
+    ),
+    Config(
         "torch Adam (fused)",
         lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
         28,
@@ -145,6 +169,10 @@ ORDER = [
     "Graft adagrad#adam",
     "Graft adam#sgd, global",
     "Graft adam#sgd, generic",
+    "Graft adam#sgd, compiled",
+    "Graft sgd#adam, compiled",
+    "Graft adagrad#adam, compiled",
+    "Graft adam#sgd, global, compiled",
     "torch Adam (fused)",
     "torch SGD (fused)",
     "torch Adam + torch SGD (fused)",
@@ -368,15 +396,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument(
-        "--warmup", type=int, default=3, help="untimed rounds first, >= 1 (default 3)"
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed rounds first, >= 2: the first creates the state, the second compiles "
+        "(default 3)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     args = parser.parse_args()
-    if args.rounds < 2 or args.warmup < 1:
+    if args.rounds < 2 or args.warmup < 2:
         parser.error(
-            f"--rounds {args.rounds} --warmup {args.warmup}; allowed: rounds >= 2, warmup >= 1"
+            f"--rounds {args.rounds} --warmup {args.warmup}; allowed: rounds >= 2, warmup >= 2"
         )
     return args
 
@@ -393,7 +425,7 @@ def main() -> None:
     probes = [*optimizers, update, copy]
     rng = random.Random(SEED)
 
-    run_rounds(probes, args.warmup, rng)  # also creates the optimizers' state
+    run_rounds(probes, args.warmup, rng)  # also creates the optimizers' state and compiles
     for probe in probes:
         probe.times.clear()
     run_rounds(probes, args.rounds, rng)

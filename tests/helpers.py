@@ -43,10 +43,12 @@ def train(
     optimizer: torch.optim.Optimizer,
     steps: int,
     after_step: Callable[[int], None] | None = None,
+    offset: int = 0,
 ) -> list[torch.Tensor]:
-    """Run `steps` steps; return the flattened weights after each one."""
+    """Run `steps` steps (on the batches of steps offset, offset + 1, ...); return the
+    flattened weights after each one."""
     trajectory = []
-    for step in range(steps):
+    for step in range(offset, offset + steps):
         compute_grads(model, step)
         optimizer.step()
         if after_step is not None:

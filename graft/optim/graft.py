@@ -12,6 +12,7 @@ taken over all tensors (granularity "global"). Agarwal, Anil, Hazan, Koren, Zhan
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from graft.optim import spec as specs
+from graft.optim.compiled import CompiledStep
 from graft.optim.generic import BlackBox
 from graft.optim.update import StepNorms, apply_update, update_norms
 
@@ -49,6 +51,9 @@ class Graft(torch.optim.Optimizer):
         eps: added to ‖u_D‖, so u_D = 0 gives a zero step.
         generic: force the black-box path (step each optimizer, measure, restore), which
             any optimizer takes and built-in rules only need as a reference.
+        compile: step through torch.compile (graft/optim/compiled.py): the same results
+            to fp32 rounding in about one pass over memory, after a compile at the first
+            step. Built-in rules only; where it cannot work, one warning and eager steps.
 
     The param groups' `lr` is M's learning rate, so LR schedulers scale the grafted step.
     After each step, `last_norms` holds ‖u_M‖ and ‖u_D‖ per tensor, without a host sync.
@@ -63,6 +68,7 @@ class Graft(torch.optim.Optimizer):
         eps: float = 1e-16,
         *,
         generic: bool = False,
+        compile: bool = False,  # noqa: A002 - the name torch users expect
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(
@@ -80,6 +86,15 @@ class Graft(torch.optim.Optimizer):
         self.generic = generic or not builtin
         self.last_norms: StepNorms | None = None
         self._black_box = None
+        self._compiled = None
+        if compile and self.generic:
+            reason = "generic=True" if generic else "a torch optimizer is not a built-in rule"
+            warnings.warn(
+                f"Graft(compile=True) compiles built-in rules only ({reason}); stepping eagerly",
+                stacklevel=2,
+            )
+        elif compile:
+            self._compiled = CompiledStep(granularity)
         defaults = {
             "lr": lr,
             "magnitude": magnitude,
@@ -155,7 +170,8 @@ class Graft(torch.optim.Optimizer):
                 self._black_box = BlackBox(self)
             self.last_norms = self._black_box.step()
         else:
-            self.last_norms = self._fused_step()
+            norms = None if self._compiled is None else self._compiled.step(self)
+            self.last_norms = self._fused_step() if norms is None else norms
         return loss
 
     def _fused_step(self) -> StepNorms:

@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = (
     "trainer.checkpoint_every",
     "trainer.keep_checkpoints",
     "trainer.device",
+    "graft.compile",
     "task.data.root",
 )
 

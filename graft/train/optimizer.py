@@ -75,6 +75,7 @@ def build_optimizer(model: nn.Module, config: Mapping[str, Any]) -> Graft:
             direction=direction if graft["enabled"] else None,
             granularity=graft["granularity"],
             eps=graft["eps"],
+            compile=graft.get("compile", False),
         )
     except ValueError as error:
         raise UserError(

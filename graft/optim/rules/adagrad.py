@@ -10,6 +10,7 @@ from graft.optim.rules.base import (
     POSITIVE,
     Hyper,
     Rule,
+    effective_grad,
     effective_grads,
     new_step_count,
     step_counts,
@@ -60,6 +61,34 @@ class Adagrad(Rule):
         if hyper["momentum"] != 0:
             state["momentum_buffer"] = zeros(param)
         return state
+
+    @classmethod
+    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
+        return hyper["momentum"] != 0, hyper["weight_decay"] != 0, hyper["maximize"]
+
+    @classmethod
+    def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
+        return {
+            "coeff": -hyper["lr"] / (1 + (step - 1) * hyper["lr_decay"]),
+            "eps": hyper["eps"],
+            "momentum": hyper["momentum"],
+            "weight_decay": hyper["weight_decay"],
+        }
+
+    @classmethod
+    def pointwise(cls, param, grad, state, s, flags, advance):
+        momentum, decay, maximize = flags
+        if momentum and not advance:
+            return state["momentum_buffer"], s["coeff"]
+        grad = effective_grad(param, grad, s, maximize, decay)
+        if advance:
+            state["sum"].add_(grad * grad)
+        direction = grad / (state["sum"].sqrt() + s["eps"])
+        if not momentum:
+            return direction, s["coeff"]
+        buffer = state["momentum_buffer"]
+        buffer.mul_(s["momentum"]).add_(direction)
+        return buffer, s["coeff"]
 
     @classmethod
     def step(

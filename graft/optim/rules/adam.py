@@ -13,6 +13,7 @@ from graft.optim.rules.base import (
     POSITIVE,
     Hyper,
     Rule,
+    effective_grad,
     effective_grads,
     new_step_count,
     step_counts,
@@ -57,6 +58,43 @@ class Adam(Rule):
     @classmethod
     def decoupled(cls, hyper: Hyper) -> bool:
         return hyper["decoupled_weight_decay"]
+
+    @classmethod
+    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
+        decoupled = cls.decoupled(hyper)
+        decay = hyper["weight_decay"] != 0
+        return hyper["amsgrad"], decoupled and decay, decay and not decoupled, hyper["maximize"]
+
+    @classmethod
+    def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
+        lr, (beta1, beta2) = hyper["lr"], hyper["betas"]
+        correction2 = math.sqrt(1 - beta2**step)
+        return {
+            "beta1_weight": 1 - beta1,
+            "beta2": beta2,
+            "beta2_weight": 1 - beta2,
+            "eps": hyper["eps"] * correction2,
+            "coeff": -lr * correction2 / (1 - beta1**step),
+            "weight_decay": hyper["weight_decay"],
+            "decoupled_decay": -lr * hyper["weight_decay"],
+        }
+
+    @classmethod
+    def pointwise(cls, param, grad, state, s, flags, advance):
+        amsgrad, decoupled_decay, decay, maximize = flags
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if advance:
+            grad = effective_grad(param, grad, s, maximize, decay)
+            exp_avg.lerp_(grad, s["beta1_weight"])
+            exp_avg_sq.mul_(s["beta2"]).add_(grad * grad * s["beta2_weight"])
+            if amsgrad:
+                state["max_exp_avg_sq"].copy_(torch.maximum(state["max_exp_avg_sq"], exp_avg_sq))
+        if amsgrad:
+            exp_avg_sq = state["max_exp_avg_sq"]
+        direction = exp_avg / (exp_avg_sq.sqrt() + s["eps"])
+        if decoupled_decay:
+            return direction * s["coeff"] + param * s["decoupled_decay"], torch.ones_like(s["eps"])
+        return direction, s["coeff"]
 
     @classmethod
     def step(

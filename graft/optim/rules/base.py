@@ -4,6 +4,11 @@ A rule is the update math of one base optimizer, written torch.optim style as pl
 functions over lists of tensors (``torch._foreach_*``). It never touches the weights:
 `step` advances the rule's state and returns the update it *would* apply, so Graft can
 measure both optimizers' steps at the same weights before anything moves.
+
+Each rule also spells the same math for one tensor (`pointwise`), with every float a
+0-d tensor and every choice a flag: the form `torch.compile` fuses into one pass over
+memory (graft/optim/compiled.py). Step counts and the coefficients that depend on them
+are computed on the host in double precision (`scalars`), as the foreach form does.
 """
 
 from __future__ import annotations
@@ -78,6 +83,40 @@ class Rule:
         return {}
 
     @classmethod
+    def state_keys(cls, hyper: Hyper) -> set[str]:
+        """The state a tensor holds once it has taken its first step."""
+        return set(cls.init_state(torch.empty(0, device="meta"), hyper))
+
+    @classmethod
+    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
+        """The choices `pointwise` branches on (a compiled graph per distinct value); they
+        may depend on the tensor through its number of dimensions only."""
+        return ()
+
+    @classmethod
+    def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
+        """The floats `pointwise` reads at this step (after the step count advanced)."""
+        return {}
+
+    @classmethod
+    def pointwise(
+        cls,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        s: dict[str, Tensor],
+        flags: tuple[bool, ...],
+        advance: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """`step` for one tensor as traceable math: (tensor, coefficient), the update being
+        their product. State is advanced in place when `advance`; the step count is not
+        (the caller advances it before computing `scalars`).
+
+        s: `scalars` as 0-d tensors of the update's precision; flags: `flags`.
+        """
+        raise NotImplementedError
+
+    @classmethod
     def step(
         cls,
         params: list[Tensor],
@@ -103,6 +142,21 @@ def step_counts(states: list[dict[str, Tensor]], advance: bool) -> list[float]:
     if advance:
         torch._foreach_add_(steps, 1)
     return [step.item() for step in steps]
+
+
+def effective_grad(param: Tensor, grad: Tensor, s: dict[str, Tensor], maximize: bool, decay: bool):
+    """`effective_grads` for one tensor, in `pointwise` form."""
+    if maximize:
+        grad = -grad
+    if decay:
+        grad = grad + s["weight_decay"] * param
+    return grad
+
+
+def norm(tensor: Tensor) -> Tensor:
+    """‖t‖₂ accumulated in at least fp32, in `pointwise` form."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    return torch.linalg.vector_norm(tensor, dtype=dtype)
 
 
 def zeros(param: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from graft.optim.rules.base import (
     Hyper,
     Rule,
     new_step_count,
+    norm,
     step_counts,
     trust_ratios,
     zeros,
@@ -49,6 +50,41 @@ class LAMB(Rule):
             "exp_avg": zeros(param),
             "exp_avg_sq": zeros(param),
         }
+
+    @classmethod
+    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
+        return hyper["weight_decay"] != 0, hyper["skip_1d"] and param.ndim <= 1
+
+    @classmethod
+    def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
+        beta1, beta2 = hyper["betas"]
+        correction2 = math.sqrt(1 - beta2**step)
+        return {
+            "beta1_weight": 1 - beta1,
+            "beta2": beta2,
+            "beta2_weight": 1 - beta2,
+            "eps": hyper["eps"] * correction2,
+            "correction": correction2 / (1 - beta1**step),
+            "weight_decay": hyper["weight_decay"],
+            "coeff": -hyper["lr"],
+        }
+
+    @classmethod
+    def pointwise(cls, param, grad, state, s, flags, advance):
+        decay, skip = flags
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if advance:
+            exp_avg.lerp_(grad, s["beta1_weight"])
+            exp_avg_sq.mul_(s["beta2"]).add_(grad * grad * s["beta2_weight"])
+        ratio = exp_avg / (exp_avg_sq.sqrt() + s["eps"]) * s["correction"]
+        if decay:
+            ratio = ratio + param * s["weight_decay"]
+        if skip:
+            return ratio, s["coeff"]
+        weight_norm, ratio_norm = norm(param), norm(ratio)
+        valid = (weight_norm > 0) & (ratio_norm > 0)
+        trust = torch.where(valid, weight_norm / ratio_norm, 1.0).to(s["coeff"])
+        return ratio, trust * s["coeff"]
 
     @classmethod
     def step(

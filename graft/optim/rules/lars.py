@@ -10,7 +10,9 @@ from graft.optim.rules.base import (
     POSITIVE,
     Hyper,
     Rule,
+    effective_grad,
     effective_grads,
+    norm,
     trust_ratios,
     zeros,
 )
@@ -50,6 +52,41 @@ class LARS(Rule):
         if hyper["momentum"] == 0:
             return {}
         return {"momentum_buffer": zeros(param)}
+
+    @classmethod
+    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
+        skip = hyper["skip_1d"] and param.ndim <= 1
+        return hyper["momentum"] != 0, hyper["weight_decay"] != 0, skip
+
+    @classmethod
+    def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
+        return {
+            "lr": hyper["lr"],
+            "coeff": -hyper["lr"],
+            "momentum": hyper["momentum"],
+            "weight_decay": hyper["weight_decay"],
+            "trust_coefficient": hyper["trust_coefficient"],
+            "eps": hyper["eps"],
+        }
+
+    @classmethod
+    def pointwise(cls, param, grad, state, s, flags, advance):
+        momentum, decay, skip = flags
+        if momentum and not advance:
+            return state["momentum_buffer"], -torch.ones_like(s["lr"])
+        if skip:
+            trust = torch.ones_like(s["lr"])
+        else:
+            weight_norm, grad_norm = norm(param), norm(grad)
+            ratio = s["trust_coefficient"] * weight_norm
+            ratio = ratio / (grad_norm + s["weight_decay"] * weight_norm + s["eps"])
+            trust = torch.where((weight_norm > 0) & (grad_norm > 0), ratio, 1.0).to(s["lr"])
+        grad = effective_grad(param, grad, s, False, decay)
+        if not momentum:
+            return grad, trust * s["coeff"]
+        buffer = state["momentum_buffer"]
+        buffer.mul_(s["momentum"]).add_(grad * (trust * s["lr"]))
+        return buffer, -torch.ones_like(s["lr"])
 
     @classmethod
     def step(

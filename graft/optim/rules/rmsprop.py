@@ -11,6 +11,7 @@ from graft.optim.rules.base import (
     UNIT_INTERVAL,
     Hyper,
     Rule,
+    effective_grad,
     effective_grads,
     new_step_count,
     step_counts,
@@ -52,6 +53,44 @@ class RMSprop(Rule):
         if hyper["centered"]:
             state["grad_avg"] = zeros(param)
         return state
+
+    @classmethod
+    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
+        momentum, centered = hyper["momentum"] > 0, hyper["centered"]
+        return momentum, centered, hyper["weight_decay"] != 0, hyper["maximize"]
+
+    @classmethod
+    def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
+        return {
+            "coeff": -hyper["lr"],
+            "alpha": hyper["alpha"],
+            "alpha_weight": 1 - hyper["alpha"],
+            "eps": hyper["eps"],
+            "momentum": hyper["momentum"],
+            "weight_decay": hyper["weight_decay"],
+        }
+
+    @classmethod
+    def pointwise(cls, param, grad, state, s, flags, advance):
+        momentum, centered, decay, maximize = flags
+        if momentum and not advance:
+            return state["momentum_buffer"], s["coeff"]
+        grad = effective_grad(param, grad, s, maximize, decay)
+        square_avg = state["square_avg"]
+        if advance:
+            square_avg.mul_(s["alpha"]).add_(grad * grad * s["alpha_weight"])
+        if centered:
+            grad_avg = state["grad_avg"]
+            if advance:
+                grad_avg.lerp_(grad, s["alpha_weight"])
+            denominator = (square_avg - grad_avg * grad_avg).sqrt() + s["eps"]
+        else:
+            denominator = square_avg.sqrt() + s["eps"]
+        if not momentum:
+            return grad / denominator, s["coeff"]
+        buffer = state["momentum_buffer"]
+        buffer.mul_(s["momentum"]).add_(grad / denominator)
+        return buffer, s["coeff"]
 
     @classmethod
     def step(

@@ -10,6 +10,7 @@ from graft.optim.rules.base import (
     UNIT_INTERVAL,
     Hyper,
     Rule,
+    effective_grad,
     effective_grads,
 )
 from graft.optim.update import Update
@@ -44,6 +45,37 @@ class SGD(Rule):
                 f"{hyper['momentum']!r}, dampening={hyper['dampening']!r}; "
                 "allowed: nesterov needs momentum > 0 and dampening = 0"
             )
+
+    @classmethod
+    def state_keys(cls, hyper: Hyper) -> set[str]:
+        return {"momentum_buffer"} if hyper["momentum"] != 0 else set()
+
+    @classmethod
+    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
+        momentum, nesterov = hyper["momentum"] != 0, hyper["nesterov"]
+        return momentum, nesterov, hyper["weight_decay"] != 0, hyper["maximize"]
+
+    @classmethod
+    def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
+        return {
+            "coeff": -hyper["lr"],
+            "momentum": hyper["momentum"],
+            "undamped": 1 - hyper["dampening"],
+            "weight_decay": hyper["weight_decay"],
+        }
+
+    @classmethod
+    def pointwise(cls, param, grad, state, s, flags, advance):
+        momentum, nesterov, decay, maximize = flags
+        grad = effective_grad(param, grad, s, maximize, decay)
+        if not momentum:
+            return grad, s["coeff"]
+        buffer = state["momentum_buffer"]
+        if advance:  # the first step, which starts the buffer at g', runs eagerly
+            buffer.mul_(s["momentum"]).add_(grad * s["undamped"])
+        if nesterov:
+            return grad + buffer * s["momentum"], s["coeff"]
+        return buffer, s["coeff"]
 
     @classmethod
     def step(

@@ -1,0 +1,408 @@
+"""Graft's step through torch.compile: each tensor's M step, D step and grafted update fused.
+
+Eagerly, a grafted step is a chain of foreach ops, each a pass over memory. Compiled, each
+tensor takes one call of a graph that reads the weight, gradient and both states once,
+writes the states, reduces ‖u_M‖ and ‖u_D‖, then applies the scaled u_D: two loops over
+the tensor, the second over what the first left in cache. Global granularity needs every
+norm before any weight moves, so it runs two graphs: one advancing the states and
+returning the norms, one recomputing u_D from the advanced state and applying it (no
+model-sized temporary either way).
+
+What stays on the host, so that nothing recompiles from one step to the next: the step
+counts (0-d CPU tensors, as torch.optim keeps them) and every coefficient computed from
+them and from the hyperparameters, in double precision as the eager rules do, handed to
+the graph as one small tensor per rule. The graphs are compiled with dynamic shapes, so
+one graph serves every tensor size; a graph is compiled per distinct set of rule flags
+(e.g. amsgrad, weight decay on or off) and dtype.
+
+A tensor's first step runs eagerly (it creates the state, as the eager rules do, e.g.
+SGD's momentum buffer starts at the gradient), and so does any step where a tensor's
+state or memory layout is not what the graphs take. If torch.compile cannot work here
+(no C++ compiler, a platform without dynamo), the first attempt fails on scratch copies,
+before any real tensor moves: one warning says why and the optimizer steps eagerly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from graft.optim import spec as specs
+from graft.optim.rules.base import Rule, norm
+from graft.optim.update import StepNorms
+
+if TYPE_CHECKING:
+    from graft.optim.graft import Graft
+
+# torch.compile's backend; tests may use "aot_eager" to check the traced math without C++.
+BACKEND = "inductor"
+# Graphs per compiled function per optimizer: flags × dtypes × numel-1 tensors, with room.
+RECOMPILE_LIMIT = 64
+
+
+class Side(NamedTuple):
+    """M or D as a graph sees it (constants the graph specializes on): the rule, the
+    names of its scalars, its flags for this tensor."""
+
+    rule: type[Rule]
+    names: tuple[str, ...]
+    flags: tuple[bool, ...]
+
+
+def unpack(names: tuple[str, ...], packed: Tensor) -> dict[str, Tensor]:
+    return dict(zip(names, packed.unbind(), strict=True))
+
+
+def side_update(param, grad, state, packed, side: Side, advance: bool):
+    return side.rule.pointwise(
+        param, grad, state, unpack(side.names, packed), side.flags, advance=advance
+    )
+
+
+def advanced(param, grad, state, packed, side: Side):
+    """The side's update (tensor, coefficient) at this step, its state advanced, and its norm."""
+    tensor, coeff = side_update(param, grad, state, packed, side, advance=True)
+    return tensor, coeff, norm(tensor) * coeff.abs()
+
+
+# The traced functions. Each takes one tensor's flat views; Side arguments are constants.
+def tensor_step(param, grad, m_state, d_state, m_packed, d_packed, magnitude, direction, eps):
+    """One tensor's whole step; with a direction, the per-tensor grafted step."""
+    m_tensor, m_coeff, m_norm = advanced(param, grad, m_state, m_packed, magnitude)
+    if direction is None:
+        param.add_(m_tensor * m_coeff)
+        return m_norm, m_norm
+    d_tensor, d_coeff, d_norm = advanced(param, grad, d_state, d_packed, direction)
+    param.add_(d_tensor * (m_norm / (d_norm + eps) * d_coeff))
+    return m_norm, d_norm
+
+
+def norms_pass(param, grad, m_state, d_state, m_packed, d_packed, magnitude, direction, eps):
+    """Global granularity, first pass: advance both states; the norms only."""
+    m_norm = advanced(param, grad, m_state, m_packed, magnitude)[2]
+    return m_norm, advanced(param, grad, d_state, d_packed, direction)[2]
+
+
+def apply_pass(param, grad, d_state, d_packed, direction, scale):
+    """Global granularity, second pass: D's update again, from its advanced state, scaled."""
+    tensor, coeff = side_update(param, grad, d_state, d_packed, direction, advance=False)
+    param.add_(tensor * (scale * coeff))
+
+
+@dataclass
+class Role:
+    """M or D in one param group: the rule and its full hyperparameters (M's with lr)."""
+
+    rule: type[Rule]
+    hyper: dict[str, Any]
+    names: tuple[str, ...]
+    keys: set[str]
+
+    @classmethod
+    def of(cls, spec: dict[str, Any], lr: float | None = None) -> Role:
+        rule = specs.rule_of(spec)
+        hyper = dict(spec) if lr is None else {**spec, "lr": lr}
+        return cls(rule, hyper, tuple(rule.scalars(hyper, 1.0)), rule.state_keys(hyper))
+
+    def side(self, param: Tensor) -> Side:
+        return Side(self.rule, self.names, self.rule.flags(self.hyper, param))
+
+
+@dataclass
+class Views:
+    """A parameter's flat views (weight, then state by role), and what they were made from."""
+
+    data_ptr: int
+    states: tuple[Tensor, ...]
+    param: Tensor
+    m_state: dict[str, Tensor]
+    d_state: dict[str, Tensor]
+
+
+@dataclass
+class Item:
+    """One tensor's arguments to the graphs: flat views of its weight, gradient and states,
+    its roles' sides and step counts; `packed` scalars are set once the steps advanced.
+    `parameter` is the parameter itself (what StepNorms names)."""
+
+    parameter: Tensor
+    param: Tensor
+    grad: Tensor
+    m_state: dict[str, Tensor]
+    d_state: dict[str, Tensor]
+    m_role: Role
+    d_role: Role | None
+    magnitude: Side
+    direction: Side | None
+    steps: tuple[Tensor | None, Tensor | None]
+    eps: float
+    m_packed: Tensor | None = None
+    d_packed: Tensor | None = None
+
+    def signature(self) -> tuple:
+        """What selects a graph: the sides, dtype, device, and sizes 0 and 1 apart."""
+        numel = min(self.param.numel(), 2)
+        return self.magnitude, self.direction, self.param.dtype, self.param.device, numel
+
+    def arguments(self) -> tuple:
+        return (
+            self.param,
+            self.grad,
+            self.m_state,
+            self.d_state,
+            self.m_packed,
+            self.d_packed,
+            self.magnitude,
+            self.direction,
+            self.eps,
+        )
+
+    def scratch(self) -> Item:
+        """This item over (at most) two elements of fresh memory: compiling on it first
+        leaves the real tensors untouched if compiling fails."""
+        size = min(self.param.numel(), 2)
+
+        def copy(tensor: Tensor) -> Tensor:
+            return tensor[:size].clone()
+
+        return Item(
+            self.parameter,
+            copy(self.param),
+            copy(self.grad),
+            {key: copy(value) for key, value in self.m_state.items()},
+            {key: copy(value) for key, value in self.d_state.items()},
+            self.m_role,
+            self.d_role,
+            self.magnitude,
+            self.direction,
+            self.steps,
+            self.eps,
+            pack(self.m_role, 1.0, self.param),
+            None if self.d_role is None else pack(self.d_role, 1.0, self.param),
+        )
+
+
+def pack(role: Role, step: float, param: Tensor) -> Tensor:
+    """The role's scalars at `step`, as one tensor of the update's precision."""
+    dtype = torch.promote_types(param.dtype, torch.float32)
+    values = list(role.rule.scalars(role.hyper, step).values())
+    return torch.tensor(values, dtype=dtype, device=param.device)
+
+
+def flat(tensor: Tensor) -> Tensor | None:
+    """A 1-d view of `tensor` in memory order (contiguous or channels_last), else None."""
+    if tensor.is_contiguous():
+        return tensor.view(-1)
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor.permute(0, 2, 3, 1).view(-1)
+    return None
+
+
+def reason(error: BaseException) -> str:
+    """The innermost cause of a compile failure, on one line: 'Type: first line'."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no message'}"
+
+
+class CompiledStep:
+    """The compiled form of one Graft's step (built-in rules only).
+
+    `step(graft)` returns the step's norms, or None where this step must run eagerly
+    (a tensor's first step, a layout the graphs do not take) or torch.compile failed
+    (then `failed` says why, and every later call returns None at once). `steps` counts
+    the steps it ran.
+    """
+
+    def __init__(self, granularity: str) -> None:
+        self.granularity = granularity
+        self.failed: str | None = None
+        self.steps = 0
+        self.compiled: set[tuple] = set()  # signatures whose graphs compiled on scratch
+        self.warned_layout = False
+        self.views: dict[Tensor, Views] = {}
+        options = {
+            "backend": BACKEND,
+            "dynamic": True,
+            "fullgraph": True,
+            "recompile_limit": RECOMPILE_LIMIT,
+            "isolate_recompiles": True,
+        }
+        self.tensor_step = torch.compile(tensor_step, **options)
+        self.norms_pass = torch.compile(norms_pass, **options)
+        self.apply_pass = torch.compile(apply_pass, **options)
+
+    def step(self, graft: Graft) -> StepNorms | None:
+        if self.failed is not None:
+            return None
+        items = self.items(graft)
+        if items is None:
+            return None
+        new = {item.signature(): item for item in items if item.signature() not in self.compiled}
+        if new and not self.compile(list(new.values())):
+            return None
+        pack_scalars(items)
+        if self.granularity == "global" and graft.grafting():
+            norms = self.run_global(items)
+        else:
+            norms = [self.tensor_step(*item.arguments()) for item in items]
+        self.steps += 1
+        params = [item.parameter for item in items]
+        if not norms:
+            return StepNorms(params, torch.zeros(0), torch.zeros(0))
+        device = params[0].device
+        magnitude, direction = (
+            torch.stack([value.to(device) for value in column])
+            for column in zip(*norms, strict=True)
+        )
+        return StepNorms(params, magnitude, direction)
+
+    def run_global(self, items: list[Item]) -> list[tuple[Tensor, Tensor]]:
+        norms = [self.norms_pass(*item.arguments()) for item in items]
+        if not norms:
+            return norms
+        total_m = torch.linalg.vector_norm(torch.stack([pair[0] for pair in norms]))
+        total_d = torch.linalg.vector_norm(torch.stack([pair[1] for pair in norms]))
+        scales: dict[tuple, Tensor] = {}
+        for item in items:
+            key = (item.eps, item.param.device)
+            if key not in scales:
+                scales[key] = (total_m / (total_d + item.eps)).to(item.param.device)
+            self.apply_pass(
+                item.param, item.grad, item.d_state, item.d_packed, item.direction, scales[key]
+            )
+        return norms
+
+    def items(self, graft: Graft) -> list[Item] | None:
+        """Every tensor with a gradient, as graph arguments; None if the step must be eager."""
+        items = []
+        for group in graft.param_groups:
+            m_role = Role.of(group["magnitude"], group["lr"])
+            d_role = Role.of(group["direction"]) if graft.grafting() else None
+            sides: dict[int, tuple[Side, Side | None]] = {}  # flags depend on ndim only
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse or param.is_complex():
+                    return None  # the eager step raises the error
+                state = graft.state.get(param, {})
+                m_state, d_state = state.get("magnitude", {}), state.get("direction", {})
+                if not (
+                    m_role.keys <= set(m_state) and (d_role is None or d_role.keys <= set(d_state))
+                ):
+                    return None  # a first step: the eager rules create the state
+                views = self.views_of(param, m_state, d_state)
+                grad_view = flat(grad) if grad.stride() == param.stride() else None
+                if views is None or grad_view is None:
+                    self.warn_layout(param)
+                    return None
+                if param.dim() not in sides:
+                    sides[param.dim()] = (m_role.side(param), d_role and d_role.side(param))
+                items.append(
+                    Item(
+                        param,
+                        views.param,
+                        grad_view,
+                        views.m_state,
+                        views.d_state,
+                        m_role,
+                        d_role,
+                        *sides[param.dim()],
+                        (m_state.get("step"), d_state.get("step")),
+                        group["eps"],
+                    )
+                )
+        return items
+
+    def views_of(self, param: Tensor, m_state: dict, d_state: dict) -> Views | None:
+        """The parameter's flat views, made once and reused while its storage and state
+        tensors stay the same; None for a layout the graphs do not take."""
+        states = tuple(v for s in (m_state, d_state) for k, v in s.items() if k != "step")
+        cached = self.views.get(param)
+        if (
+            cached is not None
+            and cached.data_ptr == param.data_ptr()
+            and len(cached.states) == len(states)
+            and all(a is b for a, b in zip(cached.states, states, strict=True))
+        ):
+            return cached
+        tensors = [param, *states]
+        # Detached: the graphs see plain tensors (a parameter's requires_grad would be guarded).
+        flats = [flat(t.detach()) if t.stride() == param.stride() else None for t in tensors]
+        if any(view is None for view in flats):
+            return None
+        state_views = iter(flats[1:])
+
+        def flat_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {key: next(state_views) for key in state if key != "step"}
+
+        views = Views(param.data_ptr(), states, flats[0], flat_state(m_state), flat_state(d_state))
+        self.views[param] = views
+        return views
+
+    def warn_layout(self, param: Tensor) -> None:
+        if not self.warned_layout:
+            warnings.warn(
+                f"Graft(compile=True): a parameter of shape {tuple(param.shape)} has a memory "
+                "layout the compiled step does not take (weight, gradient and state must share "
+                "a contiguous or channels_last layout); stepping eagerly",
+                stacklevel=8,  # the caller of optimizer.step()
+            )
+            self.warned_layout = True
+
+    def compile(self, items: list[Item]) -> bool:
+        """Compile each item's graphs on a scratch copy; False (and a warning) on failure."""
+        for item in items:
+            scratch = item.scratch()
+            try:
+                if self.granularity == "global" and item.direction is not None:
+                    self.norms_pass(*scratch.arguments())
+                    one = scratch.param.new_ones((), dtype=torch.float32)
+                    self.apply_pass(
+                        scratch.param,
+                        scratch.grad,
+                        scratch.d_state,
+                        scratch.d_packed,
+                        scratch.direction,
+                        one,
+                    )
+                else:
+                    self.tensor_step(*scratch.arguments())
+            except Exception as error:  # any failure to compile means: step eagerly
+                self.failed = reason(error)
+                warnings.warn(
+                    "Graft(compile=True): torch.compile cannot compile the step here "
+                    f"({self.failed}); stepping eagerly",
+                    stacklevel=6,  # the caller of optimizer.step()
+                )
+                return False
+            self.compiled.add(item.signature())
+        return True
+
+
+def pack_scalars(items: list[Item]) -> None:
+    """Advance every step count, then give each item its roles' scalars at its step: one
+    small tensor per role, step, dtype and device, shared by the items alike."""
+    counters = [step for item in items for step in item.steps if step is not None]
+    if counters:
+        torch._foreach_add_(counters, 1)
+    values = iter(torch.stack(counters).tolist() if counters else [])
+    cache: dict[tuple, Tensor] = {}
+    for item in items:
+        m_step, d_step = (None if step is None else next(values) for step in item.steps)
+        item.m_packed = cached_pack(cache, item.m_role, m_step, item.param)
+        if item.d_role is not None:
+            item.d_packed = cached_pack(cache, item.d_role, d_step, item.param)
+
+
+def cached_pack(cache: dict, role: Role, step: float | None, param: Tensor) -> Tensor:
+    key = (id(role), step, param.dtype, param.device)
+    if key not in cache:
+        cache[key] = pack(role, 1.0 if step is None else step, param)
+    return cache[key]

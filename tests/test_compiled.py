@@ -1,0 +1,258 @@
+"""Graft(compile=True): the eager step's results, its state_dict, no recompiles, and an
+eager fallback with one warning where torch.compile cannot work."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import graft.optim.compiled as compiled
+from graft import Graft
+from tests.helpers import TOLERANCE, assert_trajectories_close, compute_grads, make_model, train
+from tests.test_graft import SPECS
+
+STEPS = 10
+# The flags SPECS leaves off, so that every branch of every rule's pointwise form is traced.
+VARIANTS = {
+    "sgd": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True},
+    "sgd_plain": {"name": "sgd", "lr": 0.05},
+    "adam": {"name": "adam", "lr": 1e-3, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
+    "adagrad": {"name": "adagrad", "lr": 0.05, "lr_decay": 0.01, "weight_decay": 1e-3},
+    "rmsprop": {"name": "rmsprop", "lr": 1e-3, "weight_decay": 1e-3},
+    "lars": {"name": "lars", "lr": 0.1, "momentum": 0.0, "skip_1d": False},
+    "lamb": {"name": "lamb", "lr": 5e-3, "skip_1d": False},
+}
+# The paper's three rules: their pairs run through the real compiler (inductor, C++).
+PAPER_PAIRS = list(itertools.product(("sgd", "adam", "adagrad"), repeat=2))
+
+
+@pytest.fixture
+def traced_only(monkeypatch):
+    """Trace and run the graphs without generating C++ (AOT autograd, eager kernels): the
+    same pointwise math, checked in a fraction of the compile time."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+
+
+def trajectories(magnitude, direction, granularity, dtype, steps=STEPS):
+    """The weights after each step, eager then compiled, from the same start; checks that
+    the last step's norms agree too, tensor for tensor."""
+    runs, norms = [], []
+    for compile in (False, True):
+        model = make_model(dtype)
+        optimizer = Graft(model.parameters(), magnitude, direction, granularity, compile=compile)
+        runs.append(train(model, optimizer, steps))
+        names = {param: name for name, param in model.named_parameters()}
+        last = optimizer.last_norms
+        norms.append(([names[p] for p in last.params], last.magnitude, last.direction))
+        if compile:  # every step compiled but the first, which creates the state
+            assert optimizer._compiled.failed is None
+            assert optimizer._compiled.steps == steps - 1
+    (eager_names, *eager_norms), (compiled_names, *compiled_norms) = norms
+    assert compiled_names == eager_names
+    for compiled_norm, eager_norm in zip(compiled_norms, eager_norms, strict=True):
+        torch.testing.assert_close(compiled_norm, eager_norm, rtol=TOLERANCE[dtype], atol=0)
+    return runs
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+@pytest.mark.parametrize(("magnitude", "direction"), list(itertools.product(SPECS, SPECS)))
+def test_every_pair_traces_to_the_eager_step_fp64(traced_only, magnitude, direction, granularity):
+    eager, compiled_run = trajectories(
+        SPECS[magnitude], SPECS[direction], granularity, torch.float64
+    )
+    assert_trajectories_close(compiled_run, eager, torch.float64)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+@pytest.mark.parametrize(("magnitude", "direction"), list(itertools.product(SPECS, SPECS)))
+def test_every_pair_traces_to_the_eager_step_fp32(traced_only, magnitude, direction, granularity):
+    eager, compiled_run = trajectories(
+        SPECS[magnitude], SPECS[direction], granularity, torch.float32
+    )
+    assert_trajectories_close(compiled_run, eager, torch.float32)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_flag_traces_to_the_eager_step(traced_only, name, granularity):
+    """Each variant as magnitude and as direction, against Adam (or SGD for Adam)."""
+    other = SPECS["sgd"] if name == "adam" else SPECS["adam"]
+    for magnitude, direction in ((VARIANTS[name], other), (other, VARIANTS[name])):
+        eager, compiled_run = trajectories(magnitude, direction, granularity, torch.float64)
+        assert_trajectories_close(compiled_run, eager, torch.float64)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+@pytest.mark.parametrize(("magnitude", "direction"), PAPER_PAIRS)
+def test_compiled_paper_pairs_match_eager_fp32(magnitude, direction, granularity):
+    """Through inductor's C++: 1e-6 relative over 10 steps (M#M is plain M, compiled too)."""
+    eager, compiled_run = trajectories(
+        SPECS[magnitude], SPECS[direction], granularity, torch.float32
+    )
+    assert_trajectories_close(compiled_run, eager, torch.float32)
+
+
+def grafted(model, compile: bool, **kwargs) -> Graft:
+    return Graft(model.parameters(), SPECS["adam"], SPECS["sgd"], compile=compile, **kwargs)
+
+
+@pytest.mark.parametrize("first", ["eager", "compiled"])
+def test_a_checkpoint_moves_between_eager_and_compiled(first):
+    """Half the steps one way, a state_dict round trip, the rest the other way: the same
+    weights as eager throughout, and the same state_dict layout either way."""
+    model = make_model()
+    reference = train(model, grafted(model, compile=False), STEPS)
+
+    model = make_model()
+    before = grafted(model, compile=first == "compiled")
+    trajectory = train(model, before, STEPS // 2)
+    after = grafted(model, compile=first == "eager")
+    after.load_state_dict(before.state_dict())
+    trajectory += train(model, after, STEPS // 2, offset=STEPS // 2)
+    assert_trajectories_close(trajectory, reference, torch.float32)
+
+    eager_state, compiled_state = (
+        optimizer.state_dict()["state"]
+        for optimizer in sorted((before, after), key=lambda o: o._compiled is not None)
+    )
+    assert layout(eager_state) == layout(compiled_state)
+
+
+def layout(state: dict) -> dict:
+    """Every key of a state_dict's state, with each tensor's shape and dtype."""
+    return {
+        index: {
+            role: {key: (tuple(value.shape), value.dtype) for key, value in entries.items()}
+            for role, entries in roles.items()
+        }
+        for index, roles in state.items()
+    }
+
+
+def test_no_recompiles_as_the_learning_rate_and_step_count_change():
+    model = make_model()
+    optimizer = grafted(model, compile=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    train(model, optimizer, 2, after_step=lambda _: scheduler.step())
+    graphs = counters["stats"]["unique_graphs"]
+    train(model, optimizer, 6, after_step=lambda _: scheduler.step(), offset=2)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert optimizer._compiled.steps == 7
+
+
+def test_a_torch_optimizer_falls_back_to_eager_with_one_warning():
+    model = make_model()
+    with pytest.warns(UserWarning, match="compiles built-in rules only") as caught:
+        optimizer = Graft(
+            model.parameters(),
+            {"name": "torch.optim.NAdam", "lr": 1e-3},
+            SPECS["sgd"],
+            compile=True,
+        )
+    assert len(caught) == 1
+    train(model, optimizer, 2)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    model = make_model()
+    reference = train(model, grafted(model, compile=False), STEPS)
+    model = make_model()
+    optimizer = grafted(model, compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trajectory = train(model, optimizer, STEPS)
+    messages = [str(w.message) for w in caught if "Graft(compile=True)" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "cannot compile the step here" in messages[0]
+    assert "no C++ compiler found" in messages[0] and "second line" not in messages[0]
+    assert all(torch.equal(a, b) for a, b in zip(trajectory, reference, strict=True))
+
+
+def test_a_missing_cpp_compiler_falls_back_to_eager():
+    """The real failure: inductor cannot find its compiler (and no cache hides that)."""
+    model = make_model(torch.float64, seed=3)
+    optimizer = Graft(model.parameters(), SPECS["lamb"], SPECS["rmsprop"], compile=True)
+    with (
+        torch._inductor.config.patch(
+            {"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}
+        ),
+        pytest.warns(UserWarning, match="cannot compile the step here"),
+    ):
+        train(model, optimizer, 3)
+    assert optimizer._compiled.failed is not None and optimizer._compiled.steps == 0
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_torch_compile_of_the_step_works_as_for_torch_optimizers(compile):
+    model = make_model()
+    reference = train(model, grafted(model, compile=False), 4)
+    model = make_model()
+    optimizer = grafted(model, compile=compile)
+    step = torch.compile(optimizer.step)
+    trajectory = []
+    for index in range(4):
+        compute_grads(model, index)
+        step()
+        trajectory.append(torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()]))
+    assert_trajectories_close(trajectory, reference, torch.float32)
+
+
+def channels_last_params(grad_layout: torch.memory_format) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3, generator=generator)
+    param = torch.nn.Parameter(weight.to(memory_format=torch.channels_last))
+    param.grad = torch.randn(4, 3, 3, 3, generator=generator).to(memory_format=grad_layout)
+    return [param]
+
+
+def test_channels_last_weights_compile(traced_only):
+    results = []
+    for compile in (False, True):
+        params = channels_last_params(torch.channels_last)
+        optimizer = Graft(params, SPECS["sgd"], SPECS["adam"], compile=compile)
+        for _ in range(3):
+            optimizer.step()
+        results.append(params[0].detach().clone())
+    assert optimizer._compiled.steps == 2
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
+def test_a_layout_the_graphs_do_not_take_steps_eagerly_with_one_warning(traced_only):
+    params = channels_last_params(torch.contiguous_format)
+    optimizer = Graft(params, SPECS["sgd"], SPECS["adam"], compile=True)
+    with pytest.warns(UserWarning, match="memory layout the compiled step does not take") as w:
+        for _ in range(3):
+            optimizer.step()
+    assert len([x for x in w if "memory layout" in str(x.message)]) == 1
+    assert optimizer._compiled.steps == 0
+
+
+def test_the_trainer_switch_compiles_the_step(tmp_path):
+    """graft.compile=true trains the default cell to the eager run's weights (fp32 rounding)
+    and may be switched on when resuming an eager run."""
+    from tests.test_distributed import TINY, relative_differences
+    from tests.test_train import train_in_process
+
+    overrides = [*TINY, "trainer.max_steps=6", "trainer.eval_every=0", "trainer.checkpoint_every=3"]
+    assert train_in_process(tmp_path / "eager", *overrides) == 0
+    assert train_in_process(tmp_path / "compiled", *overrides, "graft.compile=true") == 0
+    differences = relative_differences(tmp_path / "eager", tmp_path / "compiled")
+    assert max(differences.values()) < 1e-5, max(differences.items(), key=lambda kv: kv[1])
+
+    resumed = tmp_path / "resumed"
+    for item in (".hydra", "checkpoints"):
+        shutil.copytree(tmp_path / "eager" / item, resumed / item)
+    (resumed / "checkpoints/step_00000006.pt").unlink()
+    assert train_in_process(resumed, *overrides, "graft.compile=true") == 0
+    differences = relative_differences(tmp_path / "eager", resumed)
+    assert max(differences.values()) < 1e-5, max(differences.items(), key=lambda kv: kv[1])
