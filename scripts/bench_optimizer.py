@@ -5,7 +5,8 @@ Per configuration it measures:
 - **time**: median wall-clock ms of one ``opt.step()``, and its ratio to the baseline
   "torch Adam + torch SGD" (both ``foreach=True``; one step of each, summed per round).
   Grafting M#D must run both M and D, so that sum is what a fused graft should cost.
-  torch's single-kernel ``fused=True`` optimizers are listed as a reference below it.
+  torch's single-kernel ``fused=True`` optimizers are listed as a reference below it, and
+  torch's defaults (no ``foreach``/``fused`` given: on a CPU, a loop over tensors).
 - **persistent state**: bytes of every tensor in ``opt.state`` (nested dicts included).
 - **transient peak**: the most memory the step holds beyond what existed before it. CPU
   torch has no ``max_memory_allocated``, so one extra, untimed step runs under the
@@ -87,6 +88,18 @@ CONFIGS = [
         SGD_TRAFFIC,
     ),
     Config(
+        "torch Adam (default)",
+        lambda p: torch.optim.Adam(p, lr=1e-3),
+        28,
+        ADAM_TRAFFIC,
+    ),
+    Config(
+        "torch SGD (default)",
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        20,
+        SGD_TRAFFIC,
+    ),
+    Config(
         "Graft adam#sgd",
         lambda p: graft.Graft(p, magnitude=ADAM, direction=SGD),
         36,
@@ -158,6 +171,7 @@ BASELINE = "torch Adam + torch SGD (foreach)"
 SUMS = {
     BASELINE: ("torch Adam (foreach)", "torch SGD (foreach)"),
     "torch Adam + torch SGD (fused)": ("torch Adam (fused)", "torch SGD (fused)"),
+    "torch Adam + torch SGD (default)": ("torch Adam (default)", "torch SGD (default)"),
 }
 # Table order: torch foreach and their sum (the baseline), Graft, then torch fused.
 ORDER = [
@@ -176,6 +190,9 @@ ORDER = [
     "torch Adam (fused)",
     "torch SGD (fused)",
     "torch Adam + torch SGD (fused)",
+    "torch Adam (default)",
+    "torch SGD (default)",
+    "torch Adam + torch SGD (default)",
 ]
 
 

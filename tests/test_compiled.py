@@ -55,8 +55,11 @@ def trajectories(magnitude, direction, granularity, dtype, steps=STEPS):
             assert optimizer._compiled.steps == steps - 1
     (eager_names, *eager_norms), (compiled_names, *compiled_norms) = norms
     assert compiled_names == eager_names
+    # A norm is one number per tensor, not averaged out like a weight vector: centered
+    # RMSprop's s - a² cancels, so an ulp apart in the state is a few ulps in ‖u‖ (fp32).
+    rtol = {torch.float32: 1e-5, torch.float64: TOLERANCE[torch.float64]}[dtype]
     for compiled_norm, eager_norm in zip(compiled_norms, eager_norms, strict=True):
-        torch.testing.assert_close(compiled_norm, eager_norm, rtol=TOLERANCE[dtype], atol=0)
+        torch.testing.assert_close(compiled_norm, eager_norm, rtol=rtol, atol=0)
     return runs
 
 

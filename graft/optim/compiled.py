@@ -42,6 +42,14 @@ if TYPE_CHECKING:
 BACKEND = "inductor"
 # Graphs per compiled function per optimizer: flags × dtypes × numel-1 tensors, with room.
 RECOMPILE_LIMIT = 64
+# Recompute an update in the weight's loop rather than store it for the norm's loop and read
+# it back: an update is a few flops per value, a stored one is a temporary the size of the
+# tensor and 8 bytes per value of traffic (BERT-base's embedding, sgd#adam: 49 -> 35 ms).
+INDUCTOR_OPTIONS = {
+    "realize_opcount_threshold": 1000,
+    "realize_reads_threshold": 100,
+    "realize_acc_reads_threshold": 100,
+}
 
 
 class Side(NamedTuple):
@@ -232,6 +240,7 @@ class CompiledStep:
             "fullgraph": True,
             "recompile_limit": RECOMPILE_LIMIT,
             "isolate_recompiles": True,
+            "options": INDUCTOR_OPTIONS if BACKEND == "inductor" else None,
         }
         self.tensor_step = torch.compile(tensor_step, **options)
         self.norms_pass = torch.compile(norms_pass, **options)
