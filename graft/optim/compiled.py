@@ -152,9 +152,14 @@ class Item:
     d_packed: Tensor | None = None
 
     def signature(self) -> tuple:
-        """What selects a graph: the sides, dtype, device, and sizes 0 and 1 apart."""
-        numel = min(self.param.numel(), 2)
-        return self.magnitude, self.direction, self.param.dtype, self.param.device, numel
+        """What selects a graph: the sides, dtype, device and size class."""
+        return (
+            self.magnitude,
+            self.direction,
+            self.param.dtype,
+            self.param.device,
+            size_class(self.param.numel()),
+        )
 
     def arguments(self) -> tuple:
         return (
@@ -170,9 +175,9 @@ class Item:
         )
 
     def scratch(self) -> Item:
-        """This item over (at most) two elements of fresh memory: compiling on it first
-        leaves the real tensors untouched if compiling fails."""
-        size = min(self.param.numel(), 2)
+        """This item over a few elements of fresh memory, of its size class: compiling on
+        it first leaves the real tensors untouched if compiling fails."""
+        size = min(self.param.numel(), SCRATCH_NUMEL[size_class(self.param.numel())])
 
         def copy(tensor: Tensor) -> Tensor:
             return tensor[:size].clone()
@@ -192,6 +197,17 @@ class Item:
             pack(self.m_role, 1.0, self.param),
             None if self.d_role is None else pack(self.d_role, 1.0, self.param),
         )
+
+
+# The sizes inductor specializes on (0 and 1; sums of more than 4,096 values cascade), and
+# how many values a scratch copy of each class holds.
+SCRATCH_NUMEL = {0: 0, 1: 1, "small": 2, "large": 8192}
+
+
+def size_class(numel: int) -> int | str:
+    if numel < 2:
+        return numel
+    return "small" if numel <= 4096 else "large"
 
 
 def pack(role: Role, step: float, param: Tensor) -> Tensor:
