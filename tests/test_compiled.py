@@ -149,6 +149,13 @@ def test_no_recompiles_as_the_learning_rate_and_step_count_change():
     assert optimizer._compiled.steps == 7
 
 
+def test_compile_must_be_a_boolean():
+    with pytest.raises(
+        ValueError, match=r"invalid compile='yes' for Graft; allowed: true or false"
+    ):
+        Graft(make_model().parameters(), SPECS["adam"], SPECS["sgd"], compile="yes")
+
+
 def test_a_torch_optimizer_falls_back_to_eager_with_one_warning():
     model = make_model()
     with pytest.warns(UserWarning, match="compiles built-in rules only") as caught:

@@ -52,8 +52,9 @@ class Graft(torch.optim.Optimizer):
         generic: force the black-box path (step each optimizer, measure, restore), which
             any optimizer takes and built-in rules only need as a reference.
         compile: step through torch.compile (graft/optim/compiled.py): the same results
-            to fp32 rounding in about one pass over memory, after a compile at the first
-            step. Built-in rules only; where it cannot work, one warning and eager steps.
+            to fp32 rounding in one fused kernel per tensor, compiled at the second step
+            (the first, which creates the state, runs eagerly). Built-in rules only; where
+            it cannot work, one warning and eager steps.
 
     The param groups' `lr` is M's learning rate, so LR schedulers scale the grafted step.
     After each step, `last_norms` holds ‖u_M‖ and ‖u_D‖ per tensor, without a host sync.
@@ -87,6 +88,8 @@ class Graft(torch.optim.Optimizer):
         self.last_norms: StepNorms | None = None
         self._black_box = None
         self._compiled = None
+        if not isinstance(compile, bool):
+            raise ValueError(f"invalid compile={compile!r} for Graft; allowed: true or false")
         if compile and self.generic:
             reason = "generic=True" if generic else "a torch optimizer is not a built-in rule"
             warnings.warn(
