@@ -63,22 +63,12 @@ def trajectories(magnitude, direction, granularity, dtype, steps=STEPS):
     return runs
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("granularity", ["tensor", "global"])
 @pytest.mark.parametrize(("magnitude", "direction"), list(itertools.product(SPECS, SPECS)))
-def test_every_pair_traces_to_the_eager_step_fp64(traced_only, magnitude, direction, granularity):
-    eager, compiled_run = trajectories(
-        SPECS[magnitude], SPECS[direction], granularity, torch.float64
-    )
-    assert_trajectories_close(compiled_run, eager, torch.float64)
-
-
-@pytest.mark.parametrize("granularity", ["tensor", "global"])
-@pytest.mark.parametrize(("magnitude", "direction"), list(itertools.product(SPECS, SPECS)))
-def test_every_pair_traces_to_the_eager_step_fp32(traced_only, magnitude, direction, granularity):
-    eager, compiled_run = trajectories(
-        SPECS[magnitude], SPECS[direction], granularity, torch.float32
-    )
-    assert_trajectories_close(compiled_run, eager, torch.float32)
+def test_every_pair_traces_to_the_eager_step(traced_only, magnitude, direction, granularity, dtype):
+    eager, compiled_run = trajectories(SPECS[magnitude], SPECS[direction], granularity, dtype)
+    assert_trajectories_close(compiled_run, eager, dtype)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "global"])

@@ -67,16 +67,12 @@ class Adam(Rule):
 
     @classmethod
     def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
-        lr, (beta1, beta2) = hyper["lr"], hyper["betas"]
-        correction2 = math.sqrt(1 - beta2**step)
+        moments = moment_scalars(hyper, step)
         return {
-            "beta1_weight": 1 - beta1,
-            "beta2": beta2,
-            "beta2_weight": 1 - beta2,
-            "eps": hyper["eps"] * correction2,
-            "coeff": -lr * correction2 / (1 - beta1**step),
+            **moments,
+            "coeff": -hyper["lr"] * moments["correction"],
             "weight_decay": hyper["weight_decay"],
-            "decoupled_decay": -lr * hyper["weight_decay"],
+            "decoupled_decay": -hyper["lr"] * hyper["weight_decay"],
         }
 
     @classmethod
@@ -85,8 +81,7 @@ class Adam(Rule):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if advance:
             grad = effective_grad(param, grad, s, maximize, decay)
-            exp_avg.lerp_(grad, s["beta1_weight"])
-            exp_avg_sq.mul_(s["beta2"]).add_(grad * grad * s["beta2_weight"])
+            advance_moments(exp_avg, exp_avg_sq, grad, s)
             if amsgrad:
                 state["max_exp_avg_sq"].copy_(torch.maximum(state["max_exp_avg_sq"], exp_avg_sq))
         if amsgrad:
@@ -137,6 +132,26 @@ class Adam(Rule):
             torch._foreach_add_(directions, params, alpha=-lr * weight_decay)
             return Update(directions, 1.0)
         return Update(directions, coeffs)
+
+
+def moment_scalars(hyper: Hyper, step: float) -> dict[str, float]:
+    """Scalars of the moment updates at `step`, for `pointwise` (Adam and LAMB): the moments'
+    weights, eps·√(1-β₂ᵗ), and the bias correction √(1-β₂ᵗ)/(1-β₁ᵗ)."""
+    beta1, beta2 = hyper["betas"]
+    correction2 = math.sqrt(1 - beta2**step)
+    return {
+        "beta1_weight": 1 - beta1,
+        "beta2": beta2,
+        "beta2_weight": 1 - beta2,
+        "eps": hyper["eps"] * correction2,
+        "correction": correction2 / (1 - beta1**step),
+    }
+
+
+def advance_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, s: dict[str, Tensor]):
+    """m ← β₁·m + (1-β₁)·g;  v ← β₂·v + (1-β₂)·g², in place, in `pointwise` form."""
+    exp_avg.lerp_(grad, s["beta1_weight"])
+    exp_avg_sq.mul_(s["beta2"]).add_(grad * grad * s["beta2_weight"])
 
 
 class AdamW(Adam):

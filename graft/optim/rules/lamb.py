@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from graft.optim.rules.adam import advance_moments, moment_scalars
 from graft.optim.rules.base import (
     BETAS,
     NON_NEGATIVE,
@@ -57,14 +58,8 @@ class LAMB(Rule):
 
     @classmethod
     def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
-        beta1, beta2 = hyper["betas"]
-        correction2 = math.sqrt(1 - beta2**step)
         return {
-            "beta1_weight": 1 - beta1,
-            "beta2": beta2,
-            "beta2_weight": 1 - beta2,
-            "eps": hyper["eps"] * correction2,
-            "correction": correction2 / (1 - beta1**step),
+            **moment_scalars(hyper, step),
             "weight_decay": hyper["weight_decay"],
             "coeff": -hyper["lr"],
         }
@@ -74,8 +69,7 @@ class LAMB(Rule):
         decay, skip = flags
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if advance:
-            exp_avg.lerp_(grad, s["beta1_weight"])
-            exp_avg_sq.mul_(s["beta2"]).add_(grad * grad * s["beta2_weight"])
+            advance_moments(exp_avg, exp_avg_sq, grad, s)
         ratio = exp_avg / (exp_avg_sq.sqrt() + s["eps"]) * s["correction"]
         if decay:
             ratio = ratio + param * s["weight_decay"]
