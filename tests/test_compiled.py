@@ -128,9 +128,10 @@ def layout(state: dict) -> dict:
     }
 
 
-def test_no_recompiles_as_the_learning_rate_and_step_count_change():
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+def test_no_recompiles_as_the_learning_rate_and_step_count_change(granularity):
     model = make_model()
-    optimizer = grafted(model, compile=True)
+    optimizer = grafted(model, compile=True, granularity=granularity)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
     train(model, optimizer, 2, after_step=lambda _: scheduler.step())
     graphs = counters["stats"]["unique_graphs"]

@@ -388,7 +388,9 @@ class CompiledStep:
             try:
                 if self.granularity == "global" and item.direction is not None:
                     self.norms_pass(*scratch.arguments())
-                    one = scratch.param.new_ones((), dtype=torch.float32)
+                    # the global ratio, in the norms' precision as in run_global
+                    dtype = torch.promote_types(scratch.param.dtype, torch.float32)
+                    one = scratch.param.new_ones((), dtype=dtype)
                     self.apply_pass(
                         scratch.param,
                         scratch.grad,
