@@ -268,7 +268,11 @@ class CompiledStep:
         items = self.items(graft)
         if items is None:
             return None
-        new = {item.signature(): item for item in items if item.signature() not in self.compiled}
+        new: dict[tuple, Item] = {}  # one item per signature not compiled yet
+        for item in items:
+            signature = item.signature()
+            if signature not in self.compiled:
+                new.setdefault(signature, item)
         if new and not self.compile(list(new.values())):
             return None
         pack_scalars(items)
