@@ -90,7 +90,8 @@ def tensor_step(param, grad, m_state, d_state, m_packed, d_packed, magnitude, di
 
 
 def norms_pass(param, grad, m_state, d_state, m_packed, d_packed, magnitude, direction, eps):
-    """Global granularity, first pass: advance both states; the norms only."""
+    """Global granularity, first pass: advance both states; the norms only (`eps` is
+    unused: the pass takes tensor_step's arguments, Item.arguments())."""
     m_norm = advanced(param, grad, m_state, m_packed, magnitude)[2]
     return m_norm, advanced(param, grad, d_state, d_packed, direction)[2]
 
