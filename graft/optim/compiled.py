@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from graft.optim import native
 from graft.optim import spec as specs
 from graft.optim.rules.base import Rule, norm
 from graft.optim.update import StepNorms
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 
 # torch.compile's backend; tests may use "aot_eager" to check the traced math without C++.
 BACKEND = "inductor"
+# Step the tensors the hand-written CPU loops take (graft/optim/native) with them; off,
+# every tensor goes through inductor's graphs (tests of the graphs turn it off).
+NATIVE = True
 # Graphs per compiled function per optimizer: flags × dtypes × numel-1 tensors, with room.
 RECOMPILE_LIMIT = 64
 # Recompute an update in the weight's loop rather than store it for the norm's loop and read
@@ -134,9 +138,10 @@ class Views:
 
 @dataclass
 class Item:
-    """One tensor's arguments to the graphs: flat views of its weight, gradient and states,
-    its roles' sides and step counts; `packed` scalars are set once the steps advanced.
-    `parameter` is the parameter itself (what StepNorms names)."""
+    """One tensor's arguments to the graphs (or the native loops): flat views of its
+    weight, gradient and states, its roles' sides and step counts; `packed` scalars (for
+    the graphs) and `at` steps are set once the steps advanced. `parameter` is the
+    parameter itself (what StepNorms names)."""
 
     parameter: Tensor
     param: Tensor
@@ -151,6 +156,9 @@ class Item:
     eps: float
     m_packed: Tensor | None = None
     d_packed: Tensor | None = None
+    m_at: float | None = None  # the step counts at this step, once advanced
+    d_at: float | None = None
+    native: bool = False  # stepped by the hand-written CPU loops (graft/optim/native)
 
     def signature(self) -> tuple:
         """What selects a graph: the sides, dtype, device and size class."""
@@ -269,44 +277,74 @@ class CompiledStep:
         items = self.items(graft)
         if items is None:
             return None
-        new: dict[tuple, Item] = {}  # one item per signature not compiled yet
+        for item in items:
+            item.native = NATIVE and native.takes(item)
+        if any(item.native for item in items) and not self.load_native():
+            return None
+        new: dict[tuple, Item] = {}  # one graph item per signature not compiled yet
         for item in items:
             signature = item.signature()
-            if signature not in self.compiled:
+            if not item.native and signature not in self.compiled:
                 new.setdefault(signature, item)
         if new and not self.compile(list(new.values())):
             return None
         pack_scalars(items)
+        batches = native.batches((i, item) for i, item in enumerate(items) if item.native)
+        graphs = [(i, item) for i, item in enumerate(items) if not item.native]
         if self.granularity == "global" and graft.grafting():
-            norms = self.run_global(items)
+            parts = self.run_global(batches, graphs)
         else:
-            norms = [self.tensor_step(*item.arguments()) for item in items]
+            parts = [Part.of_batch(batch, batch.advance(apply=True)) for batch in batches]
+            if graphs:
+                norms = [self.tensor_step(*item.arguments()) for _, item in graphs]
+                parts.append(Part.of_graphs(graphs, norms))
         self.steps += 1
-        params = [item.parameter for item in items]
-        if not norms:
-            return StepNorms(params, torch.zeros(0), torch.zeros(0))
-        device = params[0].device
-        magnitude, direction = (
-            torch.stack([value.to(device) for value in column])
-            for column in zip(*norms, strict=True)
-        )
-        return StepNorms(params, magnitude, direction)
+        return gather(items, parts)
 
-    def run_global(self, items: list[Item]) -> list[tuple[Tensor, Tensor]]:
-        norms = [self.norms_pass(*item.arguments()) for item in items]
-        if not norms:
-            return norms
-        total_m = torch.linalg.vector_norm(torch.stack([pair[0] for pair in norms]))
-        total_d = torch.linalg.vector_norm(torch.stack([pair[1] for pair in norms]))
-        scales: dict[tuple, Tensor] = {}
-        for item in items:
-            key = (item.eps, item.param.device)
-            if key not in scales:
-                scales[key] = (total_m / (total_d + item.eps)).to(item.param.device)
-            self.apply_pass(
-                item.param, item.grad, item.d_state, item.d_packed, item.direction, scales[key]
+    def run_global(self, batches: list[native.Batch], graphs: list[tuple[int, Item]]) -> list[Part]:
+        """Both passes of global grafting: every norm, then every weight moves."""
+        parts = [Part.of_batch(batch, batch.advance(apply=False)) for batch in batches]
+        if graphs:
+            norms = [self.norms_pass(*item.arguments()) for _, item in graphs]
+            parts.append(Part.of_graphs(graphs, norms))
+        if not parts:
+            return parts
+        device = (graphs[0][1] if graphs else batches[0]).params[0].device
+        total_m, total_d = (
+            torch.linalg.vector_norm(
+                torch.cat([getattr(part, side).to(device, torch.float64) for part in parts])
             )
-        return norms
+            for side in ("magnitude", "direction")
+        )
+        ratios: dict[float, Tensor] = {}  # the global ‖u_M‖ / (‖u_D‖ + eps) per eps
+        for eps in {batch.eps for batch in batches} | {item.eps for _, item in graphs}:
+            ratios[eps] = total_m / (total_d + eps)
+        for batch in batches:
+            batch.apply(ratios[batch.eps].item())
+        for _, item in graphs:
+            # in the norms' precision, as the graph was compiled (CompiledStep.compile)
+            dtype = torch.promote_types(item.param.dtype, torch.float32)
+            scale = ratios[item.eps].to(item.param.device, dtype)
+            self.apply_pass(
+                item.param, item.grad, item.d_state, item.d_packed, item.direction, scale
+            )
+        return parts
+
+    def load_native(self) -> bool:
+        """Build or load the native loops; False (and a warning) if they cannot be built."""
+        try:
+            native.extension()
+        except Exception as error:  # no compiler, no ninja: step eagerly
+            self.fail(error)
+            return False
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        self.failed = reason(error)
+        warnings.warn(
+            f"Graft(compile=True): cannot compile the step here ({self.failed}); stepping eagerly",
+            stacklevel=7,  # the caller of optimizer.step()
+        )
 
     def items(self, graft: Graft) -> list[Item] | None:
         """Every tensor with a gradient, as graph arguments; None if the step must be eager."""
@@ -407,30 +445,27 @@ class CompiledStep:
                 else:
                     self.tensor_step(*scratch.arguments())
             except Exception as error:  # any failure to compile means: step eagerly
-                self.failed = reason(error)
-                warnings.warn(
-                    "Graft(compile=True): torch.compile cannot compile the step here "
-                    f"({self.failed}); stepping eagerly",
-                    stacklevel=6,  # the caller of optimizer.step()
-                )
+                self.fail(error)
                 return False
             self.compiled.add(item.signature())
         return True
 
 
 def pack_scalars(items: list[Item]) -> None:
-    """Advance every step count, then give each item its roles' scalars at its step: one
-    small tensor per role, step, dtype and device, shared by the items alike."""
+    """Advance every step count, then give each graph item its roles' scalars at its step:
+    one small tensor per role, step, dtype and device, shared by the items alike."""
     counters = [step for item in items for step in item.steps if step is not None]
     if counters:
         torch._foreach_add_(counters, 1)
     values = iter(torch.stack(counters).tolist() if counters else [])
     cache: dict[tuple, Tensor] = {}
     for item in items:
-        m_step, d_step = (None if step is None else next(values) for step in item.steps)
-        item.m_packed = cached_pack(cache, item.m_role, m_step, item.param)
+        item.m_at, item.d_at = (None if step is None else next(values) for step in item.steps)
+        if item.native:
+            continue  # the native loops take the scalars as float64 rows (native.batches)
+        item.m_packed = cached_pack(cache, item.m_role, item.m_at, item.param)
         if item.d_role is not None:
-            item.d_packed = cached_pack(cache, item.d_role, d_step, item.param)
+            item.d_packed = cached_pack(cache, item.d_role, item.d_at, item.param)
 
 
 def cached_pack(cache: dict, role: Role, step: float | None, param: Tensor) -> Tensor:
@@ -438,3 +473,47 @@ def cached_pack(cache: dict, role: Role, step: float | None, param: Tensor) -> T
     if key not in cache:
         cache[key] = pack(role, 1.0 if step is None else step, param)
     return cache[key]
+
+
+@dataclass
+class Part:
+    """Some of a step's norms: ‖u_M‖ and ‖u_D‖ of the items at `indices`."""
+
+    indices: list[int]
+    magnitude: Tensor
+    direction: Tensor
+
+    @classmethod
+    def of_batch(cls, batch: native.Batch, norms: Tensor) -> Part:
+        return cls(batch.indices, norms[:, 0], norms[:, 1])
+
+    @classmethod
+    def of_graphs(cls, graphs: list[tuple[int, Item]], norms: list[tuple[Tensor, Tensor]]):
+        device = graphs[0][1].param.device
+        magnitude, direction = (
+            torch.stack([value.to(device) for value in column])
+            for column in zip(*norms, strict=True)
+        )
+        return cls([index for index, _ in graphs], magnitude, direction)
+
+
+def gather(items: list[Item], parts: list[Part]) -> StepNorms:
+    """The parts' norms in the items' order, on the first parameter's device, in the
+    precision of the eager norms (fp32, fp64 if any parameter is fp64)."""
+    params = [item.parameter for item in items]
+    if not params:
+        return StepNorms(params, torch.zeros(0), torch.zeros(0))
+    device = params[0].device
+    dtype = torch.float32
+    for param in params:
+        dtype = torch.promote_types(dtype, param.dtype)
+    magnitude, direction = (
+        torch.cat([getattr(part, side).to(device, dtype) for part in parts])
+        for side in ("magnitude", "direction")
+    )
+    order = [index for part in parts for index in part.indices]
+    if order != list(range(len(order))):
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        magnitude, direction = magnitude[inverse.to(device)], direction[inverse.to(device)]
+    return StepNorms(params, magnitude, direction)

@@ -1,0 +1,137 @@
+"""Graft's compiled CPU step in hand-written loops (fused_step.cpp), for SGD, Adam, AdamW
+and AdaGrad: the rules whose update is pointwise.
+
+Inductor's loops for a grafted step compute each update twice and cannot keep the
+states' stores in the loop that sums the norms (docs/benchmarks.md). These loops do:
+the first advances both states and sums both updates' squares, block by block while the
+gradient's block is in cache; the second adds the grafted update from D's advanced state.
+
+torch.utils.cpp_extension builds the source once per machine, with the vector
+instructions torch detects on this CPU, into TORCH_EXTENSIONS_DIR (by default
+~/.cache/torch_extensions): about 15 s on 2 cores the first time; later processes load
+the cached build. A tensor is stepped here when it is on the CPU, float32 or float64, and
+both its rules are listed in LOOPS; CompiledStep sends every other tensor to inductor.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from graft.optim.compiled import Item, Role, Side
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fused_step.cpp")
+# Rule name -> (the loops in fused_step.cpp, the state it reads, in the loops' order).
+LOOPS = {
+    "sgd": ("sgd", ("momentum_buffer",)),
+    "adam": ("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    "adamw": ("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    "adagrad": ("adagrad", ("sum", "momentum_buffer")),
+}
+DTYPES = (torch.float32, torch.float64)
+# Vector instructions per CPU capability torch reports (torch.backends.cpu): a build per
+# capability, so a shared home directory never hands a CPU instructions it lacks.
+VECTOR_FLAGS = {
+    "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+@functools.cache
+def extension() -> ModuleType:
+    """The built loops (built on first call; raises if they cannot be built here)."""
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    log.info("loading Graft's fused CPU step (built once per machine, about 15 s)")
+    return cpp_extension.load(
+        name=f"graft_fused_step_{capability.lower()}",
+        sources=[str(SOURCE)],
+        # no errno from sqrt: it would keep the loops from vectorizing
+        extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *VECTOR_FLAGS.get(capability, [])],
+        extra_ldflags=["-fopenmp"],  # torch's own OpenMP runtime, already loaded
+    )
+
+
+def takes(item: Item) -> bool:
+    """Whether these loops step this tensor."""
+    return (
+        item.param.device.type == "cpu"
+        and item.param.dtype in DTYPES
+        and item.m_role.rule.name in LOOPS
+        and (item.d_role is None or item.d_role.rule.name in LOOPS)
+    )
+
+
+@dataclass
+class Batch:
+    """Tensors stepped by one call: the same rules' flags, dtype and eps. `indices` are
+    their positions in the step's items."""
+
+    indices: list[int]
+    params: list[Tensor]
+    grads: list[Tensor]
+    magnitude: tuple
+    direction: tuple | None
+    eps: float
+
+    def advance(self, apply: bool) -> Tensor:
+        """Advance both states; with `apply`, also add each tensor's grafted update (or
+        M's without a direction). Returns ‖u_M‖ and ‖u_D‖ per tensor, float64 [n, 2]."""
+        return extension().advance(
+            self.params, self.grads, self.magnitude, self.direction, self.eps, apply
+        )
+
+    def apply(self, ratio: float) -> None:
+        """Add ratio · u_D to each tensor, u_D from D's advanced state."""
+        ratios = torch.full((len(self.params),), ratio, dtype=torch.float64)
+        extension().apply(self.params, self.grads, self.direction, ratios)
+
+
+def batches(items: Iterable[tuple[int, Item]]) -> list[Batch]:
+    """The (position, item) pairs grouped into calls; items' step counts already advanced."""
+    groups: dict[tuple, list[tuple[int, Item]]] = {}
+    for index, item in items:
+        key = (item.magnitude, item.direction, item.param.dtype, item.eps)
+        groups.setdefault(key, []).append((index, item))
+    rows: dict[tuple, list[float]] = {}
+    out = []
+    for (magnitude, direction, _, eps), members in groups.items():
+        chosen = [item for _, item in members]
+        out.append(
+            Batch(
+                [index for index, _ in members],
+                [item.param for item in chosen],
+                [item.grad for item in chosen],
+                side(magnitude, [(i.m_role, i.m_state, i.m_at) for i in chosen], rows),
+                None
+                if direction is None
+                else side(direction, [(i.d_role, i.d_state, i.d_at) for i in chosen], rows),
+                eps,
+            )
+        )
+    return out
+
+
+def side(flags_of: Side, members: list[tuple[Role, dict[str, Tensor], Any]], rows: dict) -> tuple:
+    """One role over a batch, as fused_step.cpp takes it: (loops, flags, states, scalars)."""
+    loops, order = LOOPS[flags_of.rule.name]
+    states = [state[key] for _, state, _ in members for key in order if key in state]
+    scalars = []
+    for role, _, step in members:
+        key = (id(role), step)
+        if key not in rows:
+            rows[key] = list(role.rule.scalars(role.hyper, 1.0 if step is None else step).values())
+        scalars.append(rows[key])
+    return loops, list(flags_of.flags), states, torch.tensor(scalars, dtype=torch.float64)

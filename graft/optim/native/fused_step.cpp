@@ -1,0 +1,454 @@
+// Graft's CPU step in hand-written loops, for the rules whose update is pointwise: SGD,
+// Adam / AdamW and AdaGrad (graft/optim/rules, the same math as their `pointwise` form).
+//
+// One call steps a list of tensors whose rules share their flags and dtype. Per tensor,
+// the first loop advances both rules' states and sums the squares of both updates, block
+// by block: M's rule, then D's, over the same block of the gradient while it is in cache.
+// The second loop adds the scaled update of D (of M without a direction), recomputed from
+// the advanced state. That is the least memory traffic a grafted step can have without a
+// temporary: adam#sgd reads g, m, v, b and writes m, v, b, then reads w, b and writes w.
+//
+// Sums are accumulated in double, per block in a fixed order, so the norms do not depend
+// on the number of threads. Built by graft/optim/native/__init__.py on first use.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Values per block: a block of each array a loop touches stays in L2 cache between the
+// two rules' loops, and the blocks are many enough to split a large tensor over threads.
+constexpr int64_t kBlock = 16384;
+constexpr int kMaxStates = 3;
+
+// One rule on one tensor: its arrays, its scalars (in the order of the Python rule's
+// `scalars`), the sign of the gradient (-1 when maximizing), and its loops.
+template <typename T>
+struct Side {
+  T* param;
+  const T* grad;
+  T* state[kMaxStates];
+  const double* scalars;
+  T sign;
+  double coeff;  // the update is coeff times the rule's tensor
+  double (*advance)(const Side&, int64_t begin, int64_t end);
+  void (*apply)(const Side&, T scale, int64_t begin, int64_t end);
+};
+
+// The gradient a rule sees: negated when maximizing, plus L2 weight decay.
+template <bool Decay, typename T>
+inline T effective_grad(const Side<T>& side, int64_t i, T weight_decay) {
+  T g = side.sign * side.grad[i];
+  if constexpr (Decay) {
+    g += weight_decay * side.param[i];
+  }
+  return g;
+}
+
+// torch.lerp's formula: start + w (end - start), from the end's side for w >= 0.5.
+template <typename T>
+inline T lerp(T start, T end, T weight) {
+  return std::abs(weight) < T(0.5) ? start + weight * (end - start)
+                                   : end - (end - start) * (T(1) - weight);
+}
+
+// Each rule: `advance(i)` moves the state at i and returns the rule's tensor there;
+// `value(i)` returns it again from the advanced state. Scalars and flags as in
+// graft/optim/rules/<rule>.py.
+
+// scalars: coeff, momentum, undamped (1 - dampening), weight_decay
+template <typename T, bool Momentum, bool Nesterov, bool Decay>
+struct SGD {
+  static constexpr int kStates = Momentum ? 1 : 0;
+  static constexpr int kScalars = 4;
+  static double coeff(const double* s) { return s[0]; }
+
+  Side<T> side;
+  T momentum, undamped, weight_decay;
+  T* buffer;
+  explicit SGD(const Side<T>& side)
+      : side(side),
+        momentum(side.scalars[1]),
+        undamped(side.scalars[2]),
+        weight_decay(side.scalars[3]),
+        buffer(side.state[0]) {}
+
+  T advance(int64_t i) const {
+    const T g = effective_grad<Decay>(side, i, weight_decay);
+    if constexpr (!Momentum) {
+      return g;
+    } else {
+      const T b = buffer[i] * momentum + g * undamped;
+      buffer[i] = b;
+      return Nesterov ? g + b * momentum : b;
+    }
+  }
+  T value(int64_t i) const {
+    if constexpr (!Momentum) {
+      return effective_grad<Decay>(side, i, weight_decay);
+    } else if constexpr (Nesterov) {
+      return effective_grad<Decay>(side, i, weight_decay) + buffer[i] * momentum;
+    } else {
+      return buffer[i];
+    }
+  }
+};
+
+// scalars: beta1_weight, beta2, beta2_weight, eps, correction, coeff, weight_decay,
+// decoupled_decay. States: exp_avg, exp_avg_sq[, max_exp_avg_sq].
+template <typename T, bool Amsgrad, bool Decoupled, bool Decay>
+struct Adam {
+  static constexpr int kStates = Amsgrad ? 3 : 2;
+  static constexpr int kScalars = 8;
+  static double coeff(const double* s) { return Decoupled ? 1.0 : s[5]; }
+
+  Side<T> side;
+  T beta1_weight, beta2, beta2_weight, eps, coeff_, weight_decay, decoupled_decay;
+  T *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
+  explicit Adam(const Side<T>& side)
+      : side(side),
+        beta1_weight(side.scalars[0]),
+        beta2(side.scalars[1]),
+        beta2_weight(side.scalars[2]),
+        eps(side.scalars[3]),
+        coeff_(side.scalars[5]),
+        weight_decay(side.scalars[6]),
+        decoupled_decay(side.scalars[7]),
+        exp_avg(side.state[0]),
+        exp_avg_sq(side.state[1]),
+        max_exp_avg_sq(side.state[2]) {}
+
+  T direction(int64_t i, T m, T v) const {
+    const T d = m / (std::sqrt(v) + eps);
+    return Decoupled ? d * coeff_ + side.param[i] * decoupled_decay : d;
+  }
+  T advance(int64_t i) const {
+    const T g = effective_grad<Decay>(side, i, weight_decay);
+    const T m = lerp(exp_avg[i], g, beta1_weight);
+    T v = exp_avg_sq[i] * beta2 + g * g * beta2_weight;
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    if constexpr (Amsgrad) {
+      v = std::max(max_exp_avg_sq[i], v);
+      max_exp_avg_sq[i] = v;
+    }
+    return direction(i, m, v);
+  }
+  T value(int64_t i) const {
+    return direction(i, exp_avg[i], Amsgrad ? max_exp_avg_sq[i] : exp_avg_sq[i]);
+  }
+};
+
+// scalars: coeff, eps, momentum, weight_decay. States: sum[, momentum_buffer].
+template <typename T, bool Momentum, bool Decay>
+struct Adagrad {
+  static constexpr int kStates = Momentum ? 2 : 1;
+  static constexpr int kScalars = 4;
+  static double coeff(const double* s) { return s[0]; }
+
+  Side<T> side;
+  T eps, momentum, weight_decay;
+  T *sum, *buffer;
+  explicit Adagrad(const Side<T>& side)
+      : side(side),
+        eps(side.scalars[1]),
+        momentum(side.scalars[2]),
+        weight_decay(side.scalars[3]),
+        sum(side.state[0]),
+        buffer(side.state[1]) {}
+
+  T advance(int64_t i) const {
+    const T g = effective_grad<Decay>(side, i, weight_decay);
+    const T s = sum[i] + g * g;
+    sum[i] = s;
+    const T d = g / (std::sqrt(s) + eps);
+    if constexpr (!Momentum) {
+      return d;
+    } else {
+      const T b = buffer[i] * momentum + d;
+      buffer[i] = b;
+      return b;
+    }
+  }
+  T value(int64_t i) const {
+    if constexpr (Momentum) {
+      return buffer[i];
+    } else {
+      return effective_grad<Decay>(side, i, weight_decay) / (std::sqrt(sum[i]) + eps);
+    }
+  }
+};
+
+// The loops. The rule is a local copy so that its pointers stay in registers; `omp simd`
+// vectorizes them (the arrays of one tensor never overlap).
+template <typename Rule, typename T>
+double advance_range(const Side<T>& side, int64_t begin, int64_t end) {
+  const Rule rule(side);
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = begin; i < end; ++i) {
+    const double u = rule.advance(i);
+    sum += u * u;
+  }
+  return sum;
+}
+
+template <typename Rule, typename T>
+void apply_range(const Side<T>& side, T scale, int64_t begin, int64_t end) {
+  const Rule rule(side);
+  T* param = side.param;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    param[i] += scale * rule.value(i);
+  }
+}
+
+// Calls `bind.template operator()<flags[0], ..., flags[N-1]>()`: runtime flags chosen
+// once per call, compile-time flags in the loops.
+template <int N, bool... Chosen, typename Bind>
+void with_flags(const Bind& bind, const std::vector<bool>& flags) {
+  if constexpr (sizeof...(Chosen) == N) {
+    bind.template operator()<Chosen...>();
+  } else if (flags[sizeof...(Chosen)]) {
+    with_flags<N, Chosen..., true>(bind, flags);
+  } else {
+    with_flags<N, Chosen..., false>(bind, flags);
+  }
+}
+
+// A side as Python passes it: (rule, flags, states, scalars). flags: the Python rule's
+// `flags`, maximize last; states: each tensor's state arrays in turn; scalars: a float64
+// row of the rule's `scalars` per tensor.
+using PySide = std::tuple<std::string, std::vector<bool>, std::vector<at::Tensor>, at::Tensor>;
+
+// Everything a side's loops need that is the same for every tensor of the call.
+template <typename T>
+struct Binding {
+  int states = 0;
+  int scalars = 0;
+  double (*coeff)(const double*) = nullptr;
+  double (*advance)(const Side<T>&, int64_t, int64_t) = nullptr;
+  void (*apply)(const Side<T>&, T, int64_t, int64_t) = nullptr;
+
+  template <typename Rule>
+  void bind() {
+    states = Rule::kStates;
+    scalars = Rule::kScalars;
+    coeff = &Rule::coeff;
+    advance = &advance_range<Rule, T>;
+    apply = &apply_range<Rule, T>;
+  }
+};
+
+template <typename T>
+Binding<T> bind_rule(const std::string& rule, const std::vector<bool>& flags) {
+  Binding<T> out;
+  const std::vector<bool> loop_flags(flags.begin(), flags.end() - 1);  // maximize: a sign
+  auto need = [&](size_t count) {
+    TORCH_CHECK(flags.size() == count + 1, rule, " takes ", count + 1, " flags, got ",
+                flags.size());
+  };
+  if (rule == "sgd") {
+    need(3);
+    with_flags<3>([&]<bool M, bool N, bool D>() { out.template bind<SGD<T, M, N, D>>(); },
+                  loop_flags);
+  } else if (rule == "adam") {
+    need(3);
+    with_flags<3>([&]<bool A, bool W, bool D>() { out.template bind<Adam<T, A, W, D>>(); },
+                  loop_flags);
+  } else if (rule == "adagrad") {
+    need(2);
+    with_flags<2>([&]<bool M, bool D>() { out.template bind<Adagrad<T, M, D>>(); },
+                  loop_flags);
+  } else {
+    TORCH_CHECK(false, "no fused CPU loops for rule '", rule, "'");
+  }
+  return out;
+}
+
+void check_like(const at::Tensor& tensor, const at::Tensor& param, const char* what) {
+  TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == param.scalar_type() &&
+                  tensor.is_contiguous() && tensor.numel() == param.numel(),
+              what, ": expected a contiguous CPU tensor of ", param.numel(), " values of ",
+              param.scalar_type(), ", like its weight");
+}
+
+// One role (M or D) over the call's tensors.
+template <typename T>
+struct Role {
+  Binding<T> binding;
+  const PySide& py;
+  T sign;
+
+  Role(const PySide& py, size_t count) : binding(binding_of(py)), py(py) {
+    const auto& [rule, flags, states, scalars] = py;
+    sign = flags.back() ? T(-1) : T(1);
+    TORCH_CHECK(states.size() == count * binding.states, rule, ": ", states.size(),
+                " state tensors for ", count, " tensors");
+    TORCH_CHECK(scalars.dtype() == at::kDouble && scalars.is_contiguous() &&
+                    scalars.dim() == 2 && scalars.size(0) == int64_t(count) &&
+                    scalars.size(1) == binding.scalars,
+                rule, ": scalars must be contiguous float64 of shape [", count, ", ",
+                binding.scalars, "]");
+  }
+  static Binding<T> binding_of(const PySide& py) {
+    return bind_rule<T>(std::get<0>(py), std::get<1>(py));
+  }
+
+  Side<T> side(size_t index, const at::Tensor& param, const at::Tensor& grad) const {
+    const auto& states = std::get<2>(py);
+    Side<T> out{};
+    out.param = param.data_ptr<T>();
+    out.grad = grad.data_ptr<T>();
+    for (int k = 0; k < binding.states; ++k) {
+      const at::Tensor& state = states[index * binding.states + k];
+      check_like(state, param, "state");
+      out.state[k] = state.data_ptr<T>();
+    }
+    out.scalars = std::get<3>(py).data_ptr<double>() + index * binding.scalars;
+    out.sign = sign;
+    out.coeff = binding.coeff(out.scalars);
+    out.advance = binding.advance;
+    out.apply = binding.apply;
+    return out;
+  }
+
+};
+
+// ‖u‖² of each side over one tensor, advancing the states.
+template <typename T>
+std::pair<double, double> advance_tensor(const Side<T>& m, const Side<T>* d, int64_t numel) {
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  auto block = [&](int64_t b, double& sum_m, double& sum_d) {
+    const int64_t begin = b * kBlock, end = std::min(numel, begin + kBlock);
+    sum_m = m.advance(m, begin, end);
+    sum_d = d == nullptr ? sum_m : d->advance(*d, begin, end);
+  };
+  if (blocks <= 1) {
+    double sum_m = 0.0, sum_d = 0.0;
+    if (blocks == 1) block(0, sum_m, sum_d);
+    return {sum_m, sum_d};
+  }
+  std::vector<double> sums_m(blocks), sums_d(blocks);
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) block(b, sums_m[b], sums_d[b]);
+  });
+  double sum_m = 0.0, sum_d = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    sum_m += sums_m[b];
+    sum_d += sums_d[b];
+  }
+  return {sum_m, sum_d};
+}
+
+template <typename T>
+void apply_tensor(const Side<T>& side, double ratio, int64_t numel) {
+  const T scale = static_cast<T>(ratio * side.coeff);
+  if (numel <= kBlock) {
+    side.apply(side, scale, 0, numel);
+    return;
+  }
+  at::parallel_for(0, numel, kBlock, [&](int64_t begin, int64_t end) {
+    side.apply(side, scale, begin, end);
+  });
+}
+
+void check_lists(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
+  TORCH_CHECK(params.size() == grads.size(), params.size(), " weights but ", grads.size(),
+              " gradients");
+  TORCH_CHECK(!params.empty(), "no tensors to step");
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "fused CPU loops take float32 or float64, got ", dtype);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].scalar_type() == dtype, "weights of mixed dtypes");
+    check_like(params[i], params[i], "weight");
+    check_like(grads[i], params[i], "gradient");
+  }
+}
+
+// mode "tensor": advance, then apply each tensor's grafted update (per-tensor grafting, or
+// M alone without a direction); "advance": advance only (global grafting's first pass).
+// Returns ‖u_M‖ and ‖u_D‖ per tensor, float64 [n, 2].
+template <typename T>
+at::Tensor advance_typed(const std::vector<at::Tensor>& params,
+                         const std::vector<at::Tensor>& grads, const PySide& py_m,
+                         const std::optional<PySide>& py_d, double eps, bool apply) {
+  const size_t count = params.size();
+  const Role<T> m(py_m, count);
+  std::optional<Role<T>> d;
+  if (py_d) d.emplace(*py_d, count);
+  at::Tensor norms = at::empty({int64_t(count), 2}, at::kDouble);
+  double* out = norms.data_ptr<double>();
+  for (size_t i = 0; i < count; ++i) {
+    const Side<T> side_m = m.side(i, params[i], grads[i]);
+    std::optional<Side<T>> side_d;
+    if (d) side_d = d->side(i, params[i], grads[i]);
+    const int64_t numel = params[i].numel();
+    const auto [sum_m, sum_d] = advance_tensor(side_m, side_d ? &*side_d : nullptr, numel);
+    const double norm_m = std::sqrt(sum_m) * std::abs(side_m.coeff);
+    const double norm_d = side_d ? std::sqrt(sum_d) * std::abs(side_d->coeff) : norm_m;
+    out[2 * i] = norm_m;
+    out[2 * i + 1] = norm_d;
+    if (apply) {
+      if (side_d) {
+        apply_tensor(*side_d, norm_m / (norm_d + eps), numel);
+      } else {
+        apply_tensor(side_m, 1.0, numel);
+      }
+    }
+  }
+  return norms;
+}
+
+at::Tensor advance(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                   const PySide& m, const std::optional<PySide>& d, double eps, bool apply) {
+  check_lists(params, grads);
+  if (params[0].scalar_type() == at::kDouble) {
+    return advance_typed<double>(params, grads, m, d, eps, apply);
+  }
+  return advance_typed<float>(params, grads, m, d, eps, apply);
+}
+
+// Global grafting's second pass: w += ratio[i] · u_D, u_D from D's advanced state.
+template <typename T>
+void apply_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                 const PySide& py_d, const at::Tensor& ratios) {
+  const size_t count = params.size();
+  const Role<T> d(py_d, count);
+  TORCH_CHECK(ratios.dtype() == at::kDouble && ratios.is_contiguous() &&
+                  ratios.numel() == int64_t(count),
+              "ratios: expected a contiguous float64 vector of ", count, " values");
+  const double* ratio = ratios.data_ptr<double>();
+  for (size_t i = 0; i < count; ++i) {
+    apply_tensor(d.side(i, params[i], grads[i]), ratio[i], params[i].numel());
+  }
+}
+
+void apply(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+           const PySide& d, const at::Tensor& ratios) {
+  check_lists(params, grads);
+  if (params[0].scalar_type() == at::kDouble) {
+    apply_typed<double>(params, grads, d, ratios);
+  } else {
+    apply_typed<float>(params, grads, d, ratios);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("advance", &advance, py::call_guard<py::gil_scoped_release>(),
+             "Advance both rules' states over the tensors and return their norms [n, 2]; "
+             "with apply, also add each tensor's grafted update.");
+  module.def("apply", &apply, py::call_guard<py::gil_scoped_release>(),
+             "Add ratio[i] times D's update to each tensor (global grafting's second pass).");
+}
