@@ -1,5 +1,6 @@
-"""Graft(compile=True): the eager step's results, its state_dict, no recompiles, and an
-eager fallback with one warning where torch.compile cannot work."""
+"""Graft(compile=True): the eager step's results through both paths (the native CPU loops
+and inductor's graphs), its state_dict, no recompiles, and an eager fallback with one
+warning where the step cannot be compiled."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch._dynamo.utils import counters
 
 import graft.optim.compiled as compiled
 from graft import Graft
+from graft.optim import native
 from tests.helpers import TOLERANCE, assert_trajectories_close, compute_grads, make_model, train
 from tests.test_graft import SPECS
 
@@ -22,6 +24,7 @@ STEPS = 10
 VARIANTS = {
     "sgd": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True},
     "sgd_plain": {"name": "sgd", "lr": 0.05},
+    "sgd_damped": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "dampening": 0.5},
     "adam": {"name": "adam", "lr": 1e-3, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
     "adagrad": {"name": "adagrad", "lr": 0.05, "lr_decay": 0.01, "weight_decay": 1e-3},
     "rmsprop": {"name": "rmsprop", "lr": 1e-3, "weight_decay": 1e-3},
@@ -30,21 +33,38 @@ VARIANTS = {
 }
 # The paper's three rules: their pairs run through the real compiler (inductor, C++).
 PAPER_PAIRS = list(itertools.product(("sgd", "adam", "adagrad"), repeat=2))
+# The rules the native CPU loops step (graft/optim/native), and their flags' variants.
+NATIVE_SPECS = {name: SPECS[name] for name in native.LOOPS}
+NATIVE_PAIRS = list(itertools.product(NATIVE_SPECS, repeat=2))
+NATIVE_VARIANTS = {
+    name: spec for name, spec in VARIANTS.items() if spec["name"] in native.LOOPS
+} | {
+    "adamw_amsgrad": {"name": "adamw", "lr": 1e-3, "amsgrad": True, "maximize": True},
+    "adagrad_plain": {"name": "adagrad", "lr": 0.05, "maximize": True},
+}
 
 
 @pytest.fixture
 def traced_only(monkeypatch):
     """Trace and run the graphs without generating C++ (AOT autograd, eager kernels): the
-    same pointwise math, checked in a fraction of the compile time."""
+    same pointwise math, checked in a fraction of the compile time. Every rule takes the
+    graphs (the native loops off)."""
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    monkeypatch.setattr(compiled, "NATIVE", False)
 
 
-def trajectories(magnitude, direction, granularity, dtype, steps=STEPS):
+@pytest.fixture
+def graphs_only(monkeypatch):
+    """Inductor's graphs for every rule, the native loops off."""
+    monkeypatch.setattr(compiled, "NATIVE", False)
+
+
+def trajectories(magnitude, direction, granularity, dtype, steps=STEPS, model_of=make_model):
     """The weights after each step, eager then compiled, from the same start; checks that
     the last step's norms agree too, tensor for tensor."""
     runs, norms = [], []
     for compile in (False, True):
-        model = make_model(dtype)
+        model = model_of(dtype)
         optimizer = Graft(model.parameters(), magnitude, direction, granularity, compile=compile)
         runs.append(train(model, optimizer, steps))
         names = {param: name for name, param in model.named_parameters()}
@@ -53,6 +73,11 @@ def trajectories(magnitude, direction, granularity, dtype, steps=STEPS):
         if compile:  # every step compiled but the first, which creates the state
             assert optimizer._compiled.failed is None
             assert optimizer._compiled.steps == steps - 1
+            loops = all(spec["name"] in native.LOOPS for spec in (magnitude, direction))
+            path = "native" if compiled.NATIVE and loops else "graph"
+            tensor_steps = optimizer._compiled.tensor_steps
+            stepped = len(last.params) * (steps - 1)
+            assert tensor_steps[path] == sum(tensor_steps.values()) == stepped
     (eager_names, *eager_norms), (compiled_names, *compiled_norms) = norms
     assert compiled_names == eager_names
     # A norm is one number per tensor, not averaged out like a weight vector: centered
@@ -83,12 +108,134 @@ def test_every_flag_traces_to_the_eager_step(traced_only, name, granularity):
 
 @pytest.mark.parametrize("granularity", ["tensor", "global"])
 @pytest.mark.parametrize(("magnitude", "direction"), PAPER_PAIRS)
-def test_compiled_paper_pairs_match_eager_fp32(magnitude, direction, granularity):
+def test_compiled_paper_pairs_match_eager_fp32(graphs_only, magnitude, direction, granularity):
     """Through inductor's C++: 1e-6 relative over 10 steps (M#M is plain M, compiled too)."""
     eager, compiled_run = trajectories(
         SPECS[magnitude], SPECS[direction], granularity, torch.float32
     )
     assert_trajectories_close(compiled_run, eager, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+@pytest.mark.parametrize(("magnitude", "direction"), NATIVE_PAIRS)
+def test_native_loops_match_the_eager_step(magnitude, direction, granularity, dtype):
+    """Every pair of the rules the native loops take: 1e-6 relative over 10 steps in fp32."""
+    eager, native_run = trajectories(
+        NATIVE_SPECS[magnitude], NATIVE_SPECS[direction], granularity, dtype
+    )
+    assert_trajectories_close(native_run, eager, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+@pytest.mark.parametrize("name", NATIVE_VARIANTS)
+def test_every_flag_of_the_native_loops_matches_the_eager_step(name, granularity, dtype):
+    """Each variant as magnitude and as direction, against Adam (or SGD for Adam)."""
+    other = SPECS["sgd"] if NATIVE_VARIANTS[name]["name"].startswith("adam") else SPECS["adam"]
+    for magnitude, direction in ((NATIVE_VARIANTS[name], other), (other, NATIVE_VARIANTS[name])):
+        eager, native_run = trajectories(magnitude, direction, granularity, dtype)
+        assert_trajectories_close(native_run, eager, dtype)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+@pytest.mark.parametrize(("magnitude", "direction"), [("adam", "sgd"), ("sgd", "adam")])
+def test_native_loops_over_many_blocks_match_the_eager_step(magnitude, direction, granularity):
+    eager, native_run = trajectories(
+        SPECS[magnitude], SPECS[direction], granularity, torch.float32, model_of=wide_model
+    )
+    assert_trajectories_close(native_run, eager, torch.float32)
+
+
+def wide_model(dtype: torch.dtype) -> torch.nn.Module:
+    """A 50,750-value matrix: three 16,384-value blocks (the native loops' unit of work
+    across threads) and a ragged tail, beside small tensors."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Flatten(), torch.nn.Linear(8, 203), torch.nn.Tanh()]
+    layers += [torch.nn.Linear(203, 250), torch.nn.Tanh(), torch.nn.Linear(250, 3)]
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+def test_native_norms_and_weights_do_not_depend_on_the_thread_count():
+    """Each block's sum is added in block order, whatever thread computed it."""
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            model = wide_model(torch.float32)
+            optimizer = grafted(model, compile=True, granularity="global")
+            results.append((train(model, optimizer, 4), optimizer.last_norms))
+    finally:
+        torch.set_num_threads(threads)
+    (weights, norms), *others = results
+    for other_weights, other_norms in others:
+        assert all(torch.equal(a, b) for a, b in zip(weights, other_weights, strict=True))
+        assert torch.equal(norms.magnitude, other_norms.magnitude)
+        assert torch.equal(norms.direction, other_norms.direction)
+
+
+def test_native_and_graph_tensors_share_one_step(traced_only, monkeypatch):
+    """bf16 weights take the graphs, fp32 ones the native loops: one global step over both,
+    its norms in the parameters' order."""
+    monkeypatch.setattr(compiled, "NATIVE", True)
+    generator = torch.Generator().manual_seed(0)
+    shapes_and_dtypes = [((5, 3), torch.float32), ((4,), torch.bfloat16), ((3, 3), torch.float32)]
+
+    def make_params():
+        return [
+            torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
+            for shape, dtype in shapes_and_dtypes
+        ]
+
+    runs = []
+    for compile in (False, True):
+        generator.manual_seed(0)
+        params = make_params()
+        optimizer = Graft(params, SPECS["adam"], SPECS["sgd"], "global", compile=compile)
+        for _ in range(4):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator).to(param.dtype)
+            optimizer.step()
+        runs.append((params, optimizer.last_norms))
+    assert optimizer._compiled.tensor_steps == {"native": 6, "graph": 3}
+    (eager, eager_norms), (compiled_params, compiled_norms) = runs
+    assert compiled_norms.params == compiled_params
+    for a, b in zip(compiled_params, eager, strict=True):
+        tolerance = 1e-2 if a.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    # the eager step orders its norms by dtype (its chunks), the compiled one as the params
+    order = [next(i for i, p in enumerate(eager_norms.params) if p is q) for q in eager]
+    for side in ("magnitude", "direction"):
+        eager_side = getattr(eager_norms, side)[order]
+        torch.testing.assert_close(getattr(compiled_norms, side), eager_side, rtol=1e-2, atol=0)
+
+
+@pytest.fixture
+def unbuilt_native(monkeypatch, tmp_path):
+    """The native loops not built yet, in an empty extensions directory."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    native.extension.cache_clear()
+    yield
+    native.extension.cache_clear()
+
+
+def test_native_loops_that_cannot_be_built_fall_back_to_eager(unbuilt_native, monkeypatch):
+    """No C++ compiler: one warning naming the failure, then eager steps, bit for bit."""
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    model = make_model()
+    reference = train(model, grafted(model, compile=False), STEPS)
+    model = make_model()
+    optimizer = grafted(model, compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trajectory = train(model, optimizer, STEPS)
+    messages = [str(w.message) for w in caught if "Graft(compile=True)" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "cannot compile the step here" in messages[0] and "/nonexistent/c++" in messages[0]
+    assert "\n" not in messages[0] and len(messages[0]) < 200
+    assert optimizer._compiled.failed is not None and optimizer._compiled.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(trajectory, reference, strict=True))
 
 
 def grafted(model, compile: bool, **kwargs) -> Graft:
@@ -129,7 +276,7 @@ def layout(state: dict) -> dict:
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "global"])
-def test_no_recompiles_as_the_learning_rate_and_step_count_change(granularity):
+def test_no_recompiles_as_the_learning_rate_and_step_count_change(graphs_only, granularity):
     model = make_model()
     optimizer = grafted(model, compile=True, granularity=granularity)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
@@ -160,7 +307,7 @@ def test_a_torch_optimizer_falls_back_to_eager_with_one_warning():
     train(model, optimizer, 2)
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(graphs_only, monkeypatch):
     def broken(graph, example_inputs):
         raise RuntimeError("no C++ compiler found\nsecond line")
 

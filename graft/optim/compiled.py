@@ -1,12 +1,19 @@
-"""Graft's step through torch.compile: each tensor's M step, D step and grafted update fused.
+"""Graft's compiled step: each tensor's M step, D step and grafted update fused.
 
 Eagerly, a grafted step is a chain of foreach ops, each a pass over memory. Compiled, each
-tensor takes one call of a graph that reads the weight, gradient and both states once,
-writes the states, reduces ‖u_M‖ and ‖u_D‖, then applies the scaled u_D: two loops over
-the tensor, the second over what the first left in cache. Global granularity needs every
-norm before any weight moves, so it runs two graphs: one advancing the states and
-returning the norms, one recomputing u_D from the advanced state and applying it (no
-model-sized temporary either way).
+tensor's step reads the weight, gradient and both states once, writes the states, reduces
+‖u_M‖ and ‖u_D‖, then applies the scaled u_D. Global granularity needs every norm before
+any weight moves, so it runs in two passes: one advancing the states and returning the
+norms, one recomputing u_D from the advanced state and applying it (no model-sized
+temporary either way).
+
+Two paths do this:
+- **native** (graft/optim/native): hand-written CPU loops for SGD, Adam, AdamW and
+  AdaGrad in float32/float64, built once per machine. They store the advanced states in
+  the loop that sums the norms and compute each update once: a grafted step at the cost
+  of torch's fused M and D together.
+- **graph**: every other tensor (other rules, 16-bit dtypes, GPUs) takes a graph
+  torch.compile (inductor) makes of the rules' `pointwise` form, one call per tensor.
 
 What stays on the host, so that nothing recompiles from one step to the next: the step
 counts (0-d CPU tensors, as torch.optim keeps them) and every coefficient computed from
@@ -17,9 +24,10 @@ one graph serves every tensor size; a graph is compiled per distinct set of rule
 
 A tensor's first step runs eagerly (it creates the state, as the eager rules do, e.g.
 SGD's momentum buffer starts at the gradient), and so does any step where a tensor's
-state or memory layout is not what the graphs take. If torch.compile cannot work here
-(no C++ compiler, a platform without dynamo), the first attempt fails on scratch copies,
-before any real tensor moves: one warning says why and the optimizer steps eagerly.
+state or memory layout is not what the compiled step takes. If the native loops cannot
+be built or torch.compile cannot work here (no C++ compiler, a platform without dynamo),
+the first attempt fails before any real tensor moves (graphs compile on scratch copies):
+one warning says why and the optimizer steps eagerly.
 """
 
 from __future__ import annotations
@@ -249,13 +257,15 @@ class CompiledStep:
     `step(graft)` returns the step's norms, or None where this step must run eagerly
     (a tensor's first step, a layout the graphs do not take) or torch.compile failed
     (then `failed` says why, and every later call returns None at once). `steps` counts
-    the steps it ran.
+    the steps it ran; `tensor_steps` the tensors each path stepped: "native" (the CPU
+    loops of graft/optim/native) and "graph" (inductor).
     """
 
     def __init__(self, granularity: str) -> None:
         self.granularity = granularity
         self.failed: str | None = None
         self.steps = 0
+        self.tensor_steps = {"native": 0, "graph": 0}  # tensors stepped by each path
         self.compiled: set[tuple] = set()  # signatures whose graphs compiled on scratch
         self.warned_layout = False
         self.views: dict[Tensor, Views] = {}
@@ -299,6 +309,8 @@ class CompiledStep:
                 norms = [self.tensor_step(*item.arguments()) for _, item in graphs]
                 parts.append(Part.of_graphs(graphs, norms))
         self.steps += 1
+        self.tensor_steps["native"] += len(items) - len(graphs)
+        self.tensor_steps["graph"] += len(graphs)
         return gather(items, parts)
 
     def run_global(self, batches: list[native.Batch], graphs: list[tuple[int, Item]]) -> list[Part]:
@@ -309,7 +321,7 @@ class CompiledStep:
             parts.append(Part.of_graphs(graphs, norms))
         if not parts:
             return parts
-        device = (graphs[0][1] if graphs else batches[0]).params[0].device
+        device = graphs[0][1].param.device if graphs else batches[0].params[0].device
         total_m, total_d = (
             torch.linalg.vector_norm(
                 torch.cat([getattr(part, side).to(device, torch.float64) for part in parts])
@@ -335,12 +347,12 @@ class CompiledStep:
         try:
             native.extension()
         except Exception as error:  # no compiler, no ninja: step eagerly
-            self.fail(error)
+            self.fail(native.failure(error))
             return False
         return True
 
-    def fail(self, error: BaseException) -> None:
-        self.failed = reason(error)
+    def fail(self, why: str) -> None:
+        self.failed = why
         warnings.warn(
             f"Graft(compile=True): cannot compile the step here ({self.failed}); stepping eagerly",
             stacklevel=7,  # the caller of optimizer.step()
@@ -445,7 +457,7 @@ class CompiledStep:
                 else:
                     self.tensor_step(*scratch.arguments())
             except Exception as error:  # any failure to compile means: step eagerly
-                self.fail(error)
+                self.fail(reason(error))
                 return False
             self.compiled.add(item.signature())
         return True

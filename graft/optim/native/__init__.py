@@ -51,7 +51,15 @@ VECTOR_FLAGS = {
 @functools.cache
 def extension() -> ModuleType:
     """The built loops (built on first call; raises if they cannot be built here)."""
-    from torch.utils import cpp_extension
+    # cpp_extension logs at import that a CPU-only machine has no CUDA runtime: true, and
+    # beside the point here.
+    import_log = logging.getLogger("torch.utils.cpp_extension")
+    level = import_log.level
+    import_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        import_log.setLevel(level)
 
     capability = torch.backends.cpu.get_cpu_capability()
     log.info("loading Graft's fused CPU step (built once per machine, about 15 s)")
@@ -62,6 +70,16 @@ def extension() -> ModuleType:
         extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *VECTOR_FLAGS.get(capability, [])],
         extra_ldflags=["-fopenmp"],  # torch's own OpenMP runtime, already loaded
     )
+
+
+def failure(error: BaseException) -> str:
+    """Why the loops could not be built, on one line: what failed and the build's first
+    error (cpp_extension's message starts with the whole compiler command)."""
+    lines = str(error).strip().splitlines() or [""]
+    causes = [line.strip() for line in lines[1:] if "error:" in line or "not found" in line]
+    if causes:
+        return f"{lines[0].split(':')[0]}: {causes[0]}"
+    return f"{type(error).__name__}: {lines[0]}"
 
 
 def takes(item: Item) -> bool:
