@@ -4,22 +4,29 @@ For each model and grafted pair, a fresh process builds the model's parameters (
 weights and gradients, no download), takes the eager first step (it creates the state),
 then times:
 
-- **first compiled step**: the step that traces and compiles the graphs, then runs;
+- **first compiled step**: the step that traces and compiles the graphs (or builds or
+  loads the native loops), then runs;
 - **steady step**: the median of the following steps, during which the learning rate
   changes every step (a LambdaLR) and the step count advances;
 - **graphs**: graphs compiled in all (dynamo's `unique_graphs`), read after the first
-  compiled step and again after the last: equal means nothing recompiled.
+  compiled step and again after the last: equal means nothing recompiled (none on the
+  native path).
 
-Each configuration runs twice, in two processes sharing one fresh inductor cache
-directory: **cold** (empty cache: tracing, lowering, C++ codegen and g++) and **warm**
-(the second process: dynamo still traces, the FX-graph cache skips lowering and g++).
+Each configuration runs on both paths of the compiled step (graft/optim/compiled.py):
+**native** (the hand-written CPU loops, built by torch.utils.cpp_extension) and **graph**
+(inductor's graphs, what every rule without native loops takes), and twice, in two
+processes sharing fresh cache directories (inductor's and the extensions'): **cold**
+(empty caches: for graphs tracing, lowering, C++ codegen and g++; for the native loops
+their build) and **warm** (the second process: dynamo still traces, the FX-graph cache
+skips lowering and g++; the native loops are loaded from the build).
 
-    python scripts/bench_compile.py [--models resnet50 bert-base] [--steps 8]
+    python scripts/bench_compile.py [--models resnet50 bert-base] [--paths native graph]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -38,6 +45,7 @@ PAIRS = {
     ),
 }
 MODELS = ("resnet50", "bert-base")
+PATHS = ("native", "graph")
 
 
 def model_shapes(name: str) -> list[tuple[int, ...]]:
@@ -53,12 +61,15 @@ def model_shapes(name: str) -> list[tuple[int, ...]]:
     return [tuple(param.shape) for param in model.parameters()]
 
 
-def child(model: str, pair: str, granularity: str, steps: int) -> dict:
+def child(model: str, pair: str, granularity: str, path: str, steps: int) -> dict:
     """One measurement in this process: returns the figures as a dict."""
     import torch
     from torch._dynamo.utils import counters
 
     from graft import Graft
+    from graft.optim import compiled
+
+    compiled.NATIVE = path == "native"
 
     generator = torch.Generator().manual_seed(0)
     params = []
@@ -90,13 +101,18 @@ def child(model: str, pair: str, granularity: str, steps: int) -> dict:
         "graphs_first": graphs_after_first,
         "graphs_last": counters["stats"]["unique_graphs"],
         "compiled_steps": optimizer._compiled.steps,
+        "tensor_steps": optimizer._compiled.tensor_steps,
         "failed": optimizer._compiled.failed,
     }
 
 
-def run_child(model: str, pair: str, granularity: str, steps: int, cache: str) -> dict:
-    command = [sys.executable, __file__, "--child", model, pair, granularity, str(steps)]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+def run_child(model: str, pair: str, granularity: str, path: str, steps: int, cache: str):
+    command = [sys.executable, __file__, "--child", model, pair, granularity, path, str(steps)]
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor"),
+        "TORCH_EXTENSIONS_DIR": os.path.join(cache, "extensions"),
+    }
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{shlex.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -108,12 +124,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
     parser.add_argument("--granularities", nargs="+", default=["tensor", "global"])
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--steps", type=int, default=8, help="steady steps timed (default 8)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        model, pair, granularity, steps = args.child
-        print(json.dumps(child(model, pair, granularity, int(steps))))
+        model, pair, granularity, path, steps = args.child
+        print(json.dumps(child(model, pair, granularity, path, int(steps))))
         return
 
     import torch
@@ -123,24 +140,26 @@ def main() -> None:
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads.\n"
     )
     print(
-        "| model | pair | granularity | tensors | graphs (first → last) | cold first "
+        "| model | pair | granularity | path | tensors | graphs (first → last) | cold first "
         "compiled step s | warm first compiled step s | steady ms/step |"
     )
-    print("|---|---|---|---:|---|---:|---:|---:|")
-    for model in args.models:
-        for pair in args.pairs:
-            for granularity in args.granularities:
-                with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
-                    cold = run_child(model, pair, granularity, args.steps, cache)
-                    warm = run_child(model, pair, granularity, args.steps, cache)
-                if cold["failed"] or warm["failed"]:
-                    raise SystemExit(f"compile failed: {cold['failed'] or warm['failed']}")
-                print(
-                    f"| {model} | {pair} | {granularity} | {cold['tensors']} "
-                    f"| {cold['graphs_first']} → {cold['graphs_last']} | {cold['first_s']:.1f} "
-                    f"| {warm['first_s']:.1f} | {warm['steady_ms']:.1f} |",
-                    flush=True,
-                )
+    print("|---|---|---|---|---:|---|---:|---:|---:|")
+    for model, pair, granularity, path in itertools.product(
+        args.models, args.pairs, args.granularities, args.paths
+    ):
+        with tempfile.TemporaryDirectory(prefix="graft-compile-caches-") as cache:
+            cold = run_child(model, pair, granularity, path, args.steps, cache)
+            warm = run_child(model, pair, granularity, path, args.steps, cache)
+        if cold["failed"] or warm["failed"]:
+            raise SystemExit(f"compile failed: {cold['failed'] or warm['failed']}")
+        if warm["tensor_steps"][path] == 0:
+            raise SystemExit(f"no tensor took the {path} path: {warm['tensor_steps']}")
+        print(
+            f"| {model} | {pair} | {granularity} | {path} | {cold['tensors']} "
+            f"| {cold['graphs_first']} → {cold['graphs_last']} | {cold['first_s']:.1f} "
+            f"| {warm['first_s']:.1f} | {warm['steady_ms']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Where the compiled grafted step's time goes, on ResNet-50's large tensors (CPU).
 
-`Graft(compile=True)` runs one graph per tensor. This script times that graph and the
-variants one would try to make it faster, all over ResNet-50's tensors above 65,536
-values (35 tensors, 24.8 M of its 25.6 M values, random weights and gradients), each row
-once per round in a shuffled order (interleaved, so drift on a shared machine hits all
-rows alike):
+`Graft(compile=True)` steps SGD, Adam and AdaGrad through hand-written CPU loops
+(graft/optim/native) and every other rule through one inductor graph per tensor. This
+script times both, and the inductor variants one would try to make the graph faster,
+all over ResNet-50's tensors above 65,536 values (35 tensors, 24.8 M of its 25.6 M
+values, random weights and gradients), each row once per round in a shuffled order
+(interleaved, so drift on a shared machine hits all rows alike):
 
-- **compiled step**: the shipped graph (`tensor_step`): both states advanced, both norms,
-  the grafted update applied. Inductor emits two loops: the norms' reduction, then the
-  stores, which recompute the states' update from the old state.
+- **native loops**: the shipped CPU step for these rules: one loop advances both states
+  and sums both norms, a second adds the grafted update from D's advanced state.
+- **compiled step**: the graph (`tensor_step`) other rules take: both states advanced,
+  both norms, the grafted update applied. Inductor emits two loops: the norms' reduction,
+  then the stores, which recompute the states' update from the old state.
 - **compiled update, no norms**: the same graph without grafting's norms (both rules
   advanced, D's update applied unscaled): one loop, the work of stepping M and D.
 - **compiled norms, no stores**: only the norms of both updates, the states left as
@@ -43,7 +46,7 @@ from bench_compile import PAIRS
 from bench_optimizer import cpu_model, parameters_with_grads, random_tensors, resnet50_shapes
 
 import graft
-from graft.optim import compiled
+from graft.optim import compiled, native
 from graft.optim.compiled import advanced, norm, side_update, tensor_step
 
 LARGE = 65_536  # values: the tensors whose loops, not the per-call cost, set the time
@@ -52,8 +55,9 @@ SEED = 0
 # The two-pass form needs inductor to keep each state's stores in the loop that reduces
 # its norm: realize every update that has more than one reader, fuse without shared reads.
 TWO_PASS_OPTIONS = {"realize_reads_threshold": 0, "aggressive_fusion": True}
-# compulsory traffic per value in bytes (fp32), per pair: (step, no norms, norms only, two-pass)
-TRAFFIC = {"adam#sgd": (52, 36, 12, 44), "sgd#adam": (52, 36, 12, 48)}
+# Compulsory traffic per value in bytes (fp32), per pair: (native, step, no norms, norms
+# only, two-pass). Native adam#sgd: r g,m,v,b w m,v,b, then r p,b w p (sgd#adam: r p,m,v).
+TRAFFIC = {"adam#sgd": (40, 52, 36, 12, 44), "sgd#adam": (44, 52, 36, 12, 48)}
 
 
 def update_only(param, grad, m_state, d_state, m_packed, d_packed, magnitude, direction, eps):
@@ -142,9 +146,15 @@ def build(pair: str) -> tuple[dict[str, Callable[[], object]], dict[str, float],
     rows = [grad.view(-1, row_length(grad.numel())) for grad in grads]
     flats = [grad.view(-1) for grad in grads]
 
-    step_bytes, no_norm_bytes, norms_bytes, two_pass_bytes = TRAFFIC[pair]
+    batches = native.batches(enumerate(items))
+
+    native_bytes, step_bytes, no_norm_bytes, norms_bytes, two_pass_bytes = TRAFFIC[pair]
     timed = {
-        "compiled step (shipped)": (each(shipped), step_bytes),
+        "native loops (shipped for these rules)": (
+            lambda: [batch.advance(apply=True) for batch in batches],
+            native_bytes,
+        ),
+        "compiled step (shipped for other rules)": (each(shipped), step_bytes),
         "compiled update, no norms": (each(no_norms), no_norm_bytes),
         "compiled norms, no stores": (each(norms), norms_bytes),
         "compiled advance + norms, then apply": (two_pass, two_pass_bytes),

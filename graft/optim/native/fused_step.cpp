@@ -188,15 +188,24 @@ struct Adagrad {
 };
 
 // The loops. The rule is a local copy so that its pointers stay in registers; `omp simd`
-// vectorizes them (the arrays of one tensor never overlap).
+// vectorizes them (the arrays of one tensor never overlap). Squares are summed in T over
+// runs of kRun values (a few additions per vector lane: little rounding) and the runs'
+// sums in double: nearly the accuracy of a double sum at the speed of a float one.
+constexpr int64_t kRun = 256;
+
 template <typename Rule, typename T>
 double advance_range(const Side<T>& side, int64_t begin, int64_t end) {
   const Rule rule(side);
   double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = begin; i < end; ++i) {
-    const double u = rule.advance(i);
-    sum += u * u;
+  for (int64_t run = begin; run < end; run += kRun) {
+    const int64_t stop = std::min(end, run + kRun);
+    T partial = 0;
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = run; i < stop; ++i) {
+      const T u = rule.advance(i);
+      partial += u * u;
+    }
+    sum += partial;
   }
   return sum;
 }
