@@ -242,10 +242,14 @@ def grafted(model, compile: bool, **kwargs) -> Graft:
     return Graft(model.parameters(), SPECS["adam"], SPECS["sgd"], compile=compile, **kwargs)
 
 
+@pytest.mark.parametrize("path", ["native", "graph"])
 @pytest.mark.parametrize("first", ["eager", "compiled"])
-def test_a_checkpoint_moves_between_eager_and_compiled(first):
+def test_a_checkpoint_moves_between_eager_and_compiled(first, path, monkeypatch):
     """Half the steps one way, a state_dict round trip, the rest the other way: the same
     weights as eager throughout, and the same state_dict layout either way."""
+    if path == "graph":  # traced, as in traced_only
+        monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+        monkeypatch.setattr(compiled, "NATIVE", False)
     model = make_model()
     reference = train(model, grafted(model, compile=False), STEPS)
 
@@ -256,6 +260,8 @@ def test_a_checkpoint_moves_between_eager_and_compiled(first):
     after.load_state_dict(before.state_dict())
     trajectory += train(model, after, STEPS // 2, offset=STEPS // 2)
     assert_trajectories_close(trajectory, reference, torch.float32)
+    compiled_step = (before if first == "compiled" else after)._compiled
+    assert compiled_step.tensor_steps[path] > 0
 
     eager_state, compiled_state = (
         optimizer.state_dict()["state"]

@@ -293,8 +293,7 @@ class CompiledStep:
             return None
         new: dict[tuple, Item] = {}  # one graph item per signature not compiled yet
         for item in items:
-            signature = item.signature()
-            if not item.native and signature not in self.compiled:
+            if not item.native and (signature := item.signature()) not in self.compiled:
                 new.setdefault(signature, item)
         if new and not self.compile(list(new.values())):
             return None

@@ -8,8 +8,9 @@
 // the advanced state. That is the least memory traffic a grafted step can have without a
 // temporary: adam#sgd reads g, m, v, b and writes m, v, b, then reads w, b and writes w.
 //
-// Sums are accumulated in double, per block in a fixed order, so the norms do not depend
-// on the number of threads. Built by graft/optim/native/__init__.py on first use.
+// Each block's sum of squares is accumulated in double (advance_range), and the blocks'
+// sums are added in block order, so the norms do not depend on the number of threads.
+// Built by graft/optim/native/__init__.py on first use.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -260,6 +261,7 @@ struct Binding {
 template <typename T>
 Binding<T> bind_rule(const std::string& rule, const std::vector<bool>& flags) {
   Binding<T> out;
+  TORCH_CHECK(!flags.empty(), rule, ": no flags (maximize comes last)");
   const std::vector<bool> loop_flags(flags.begin(), flags.end() - 1);  // maximize: a sign
   auto need = [&](size_t count) {
     TORCH_CHECK(flags.size() == count + 1, rule, " takes ", count + 1, " flags, got ",
