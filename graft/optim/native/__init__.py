@@ -8,7 +8,7 @@ gradient's block is in cache; the second adds the grafted update from D's advanc
 
 torch.utils.cpp_extension builds the source once per machine, with the vector
 instructions torch detects on this CPU, into TORCH_EXTENSIONS_DIR (by default
-~/.cache/torch_extensions): about 15 s on 2 cores the first time; later processes load
+~/.cache/torch_extensions): about 12 s on 2 cores the first time; later processes load
 the cached build. A tensor is stepped here when it is on the CPU, float32 or float64, and
 both its rules are listed in LOOPS; CompiledStep sends every other tensor to inductor.
 """
@@ -16,6 +16,7 @@ both its rules are listed in LOOPS; CompiledStep sends every other tensor to ind
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,8 +41,7 @@ LOOPS = {
     "adagrad": ("adagrad", ("sum", "momentum_buffer")),
 }
 DTYPES = (torch.float32, torch.float64)
-# Vector instructions per CPU capability torch reports (torch.backends.cpu): a build per
-# capability, so a shared home directory never hands a CPU instructions it lacks.
+# Vector instructions per CPU capability torch reports (torch.backends.cpu).
 VECTOR_FLAGS = {
     "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -62,9 +62,13 @@ def extension() -> ModuleType:
         import_log.setLevel(level)
 
     capability = torch.backends.cpu.get_cpu_capability()
-    log.info("loading Graft's fused CPU step (built once per machine, about 15 s)")
+    # A build per capability and torch install: a shared home directory never hands a CPU
+    # instructions it lacks, nor one environment's build to another (or rebuilds in turn).
+    install = f"{torch.__version__} {Path(torch.__file__).parent}"
+    key = hashlib.sha256(install.encode()).hexdigest()[:8]
+    log.info("loading Graft's fused CPU step (built once per machine, about 12 s)")
     return cpp_extension.load(
-        name=f"graft_fused_step_{capability.lower()}",
+        name=f"graft_fused_step_{capability.lower()}_{key}",
         sources=[str(SOURCE)],
         # no errno from sqrt: it would keep the loops from vectorizing
         extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *VECTOR_FLAGS.get(capability, [])],
