@@ -51,10 +51,12 @@ class Graft(torch.optim.Optimizer):
         eps: added to ‖u_D‖, so u_D = 0 gives a zero step.
         generic: force the black-box path (step each optimizer, measure, restore), which
             any optimizer takes and built-in rules only need as a reference.
-        compile: step through torch.compile (graft/optim/compiled.py): the same results
-            to fp32 rounding in one fused kernel per tensor, compiled at the second step
-            (the first, which creates the state, runs eagerly). Built-in rules only; where
-            it cannot work, one warning and eager steps.
+        compile: a compiled step (graft/optim/compiled.py): the same results to fp32
+            rounding, each tensor's step fused into two loops over memory, from the second
+            step on (the first, which creates the state, runs eagerly). SGD, Adam, AdamW
+            and AdaGrad on the CPU take hand-written loops (built once per machine), the
+            rest torch.compile's graphs. Built-in rules only; where the step cannot be
+            compiled, one warning and eager steps.
 
     The param groups' `lr` is M's learning rate, so LR schedulers scale the grafted step.
     After each step, `last_norms` holds ‖u_M‖ and ‖u_D‖ per tensor, without a host sync.
