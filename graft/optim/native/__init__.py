@@ -146,9 +146,11 @@ def batches(items: Iterable[tuple[int, Item]]) -> list[Batch]:
     return out
 
 
-def side(flags_of: Side, members: list[tuple[Role, dict[str, Tensor], Any]], rows: dict) -> tuple:
-    """One role over a batch, as fused_step.cpp takes it: (loops, flags, states, scalars)."""
-    loops, order = LOOPS[flags_of.rule.name]
+def side(shared: Side, members: list[tuple[Role, dict[str, Tensor], Any]], rows: dict) -> tuple:
+    """One role over a batch, as fused_step.cpp takes it: (loops, flags, states, scalars).
+    shared: the rule and flags of every member; members: each tensor's role (for its
+    hyperparameters), state views and step count; rows: scalar rows computed so far."""
+    loops, order = LOOPS[shared.rule.name]
     states = [state[key] for _, state, _ in members for key in order if key in state]
     scalars = []
     for role, _, step in members:
@@ -156,4 +158,4 @@ def side(flags_of: Side, members: list[tuple[Role, dict[str, Tensor], Any]], row
         if key not in rows:
             rows[key] = list(role.rule.scalars(role.hyper, 1.0 if step is None else step).values())
         scalars.append(rows[key])
-    return loops, list(flags_of.flags), states, torch.tensor(scalars, dtype=torch.float64)
+    return loops, list(shared.flags), states, torch.tensor(scalars, dtype=torch.float64)
