@@ -322,11 +322,13 @@ def assert_one_warning_then_eager_steps() -> tuple[str, Graft]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trajectory = train(model, optimizer, STEPS)
-    messages = [str(w.message) for w in caught if "Graft(compile=True)" in str(w.message)]
-    assert len(messages) == 1, messages
-    assert "cannot compile the step here" in messages[0] and "\n" not in messages[0]
+    ours = [w for w in caught if "Graft(compile=True)" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    message = str(ours[0].message)
+    assert "cannot compile the step here" in message and "\n" not in message
+    assert ours[0].filename.endswith("helpers.py")  # the line that called optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(trajectory, reference, strict=True))
-    return messages[0], optimizer
+    return message, optimizer
 
 
 def test_a_missing_cpp_compiler_falls_back_to_eager():

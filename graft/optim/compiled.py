@@ -343,10 +343,9 @@ class CompiledStep:
 
     def load_native(self) -> bool:
         """Build or load the native loops; False (and a warning) if they cannot be built."""
-        try:
-            native.extension()
-        except Exception as error:  # no compiler, no ninja: step eagerly
-            self.fail(native.failure(error))
+        why = native.build()
+        if why is not None:  # no compiler, no ninja: step eagerly
+            self.fail(why)
             return False
         return True
 

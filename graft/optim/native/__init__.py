@@ -76,6 +76,16 @@ def extension() -> ModuleType:
     )
 
 
+@torch.compiler.disable  # under torch.compile(opt.step): a build, not a graph to trace
+def build() -> str | None:
+    """Build or load the loops; None if they are ready, else why not (one line)."""
+    try:
+        extension()
+    except Exception as error:  # any failure to build means: step eagerly
+        return failure(error)
+    return None
+
+
 def failure(error: BaseException) -> str:
     """Why the loops could not be built, on one line: what failed and the build's first
     error (cpp_extension's message starts with the whole compiler command)."""
