@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_step.cpp")
 # Rule name -> (the loops in fused_step.cpp, the state it reads, in the loops' order).
+ADAM_LOOPS = ("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
 LOOPS = {
     "sgd": ("sgd", ("momentum_buffer",)),
-    "adam": ("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
-    "adamw": ("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    "adam": ADAM_LOOPS,
+    "adamw": ADAM_LOOPS,  # AdamW is Adam with its decoupled-decay flag set
     "adagrad": ("adagrad", ("sum", "momentum_buffer")),
 }
 DTYPES = (torch.float32, torch.float64)
@@ -127,8 +128,7 @@ class Batch:
 
     def apply(self, ratio: float) -> None:
         """Add ratio · u_D to each tensor, u_D from D's advanced state."""
-        ratios = torch.full((len(self.params),), ratio, dtype=torch.float64)
-        extension().apply(self.params, self.grads, self.direction, ratios)
+        extension().apply(self.params, self.grads, self.direction, ratio)
 
 
 def batches(items: Iterable[tuple[int, Item]]) -> list[Batch]:

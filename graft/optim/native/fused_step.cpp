@@ -429,28 +429,23 @@ at::Tensor advance(const std::vector<at::Tensor>& params, const std::vector<at::
   return advance_typed<float>(params, grads, m, d, eps, apply);
 }
 
-// Global grafting's second pass: w += ratio[i] · u_D, u_D from D's advanced state.
+// Global grafting's second pass: w += ratio · u_D, u_D from D's advanced state.
 template <typename T>
 void apply_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                 const PySide& py_d, const at::Tensor& ratios) {
-  const size_t count = params.size();
-  const Role<T> d(py_d, count);
-  TORCH_CHECK(ratios.dtype() == at::kDouble && ratios.is_contiguous() &&
-                  ratios.numel() == int64_t(count),
-              "ratios: expected a contiguous float64 vector of ", count, " values");
-  const double* ratio = ratios.data_ptr<double>();
-  for (size_t i = 0; i < count; ++i) {
-    apply_tensor(d.side(i, params[i], grads[i]), ratio[i], params[i].numel());
+                 const PySide& py_d, double ratio) {
+  const Role<T> d(py_d, params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    apply_tensor(d.side(i, params[i], grads[i]), ratio, params[i].numel());
   }
 }
 
 void apply(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-           const PySide& d, const at::Tensor& ratios) {
+           const PySide& d, double ratio) {
   check_lists(params, grads);
   if (params[0].scalar_type() == at::kDouble) {
-    apply_typed<double>(params, grads, d, ratios);
+    apply_typed<double>(params, grads, d, ratio);
   } else {
-    apply_typed<float>(params, grads, d, ratios);
+    apply_typed<float>(params, grads, d, ratio);
   }
 }
 
@@ -461,5 +456,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Advance both rules' states over the tensors and return their norms [n, 2]; "
              "with apply, also add each tensor's grafted update.");
   module.def("apply", &apply, py::call_guard<py::gil_scoped_release>(),
-             "Add ratio[i] times D's update to each tensor (global grafting's second pass).");
+             "Add ratio times D's update to each tensor (global grafting's second pass).");
 }
