@@ -79,6 +79,9 @@ def test_checkpoints_keep_the_newest_and_skip_unreadable_ones(tmp_path, caplog):
     assert load_newest_checkpoint(tmp_path)["step"] == 2
     assert "step_00000004.pt is unreadable" in caplog.text
     assert load_newest_checkpoint(tmp_path / "nothing") is None
+    (tmp_path / "step_00000002.pt").write_bytes(b"PK")
+    with pytest.raises(UserError, match=r"step_00000004.pt is unreadable and no older checkpoint"):
+        load_newest_checkpoint(tmp_path)
 
 
 def test_config_differences_ignore_what_a_resume_may_change():

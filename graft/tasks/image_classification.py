@@ -42,17 +42,19 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
     data = cfg["data"]
     if data["source"] == "digits":
         train_set, eval_set = digits_splits(data["eval_fraction"])
+        classes = int(train_set.tensors[1].max()) + 1
     elif data["source"] == "imagefolder":
         train_set, eval_set = image_folders(data)
-        classes = cfg["model"].get("num_classes", 1000)
-        if len(train_set.classes) > classes:
-            raise DataError(
-                f"task.data.root holds {len(train_set.classes)} classes but the model has "
-                f"{classes} outputs; set task.model.num_classes={len(train_set.classes)}"
-            )
+        classes = len(train_set.classes)
     else:
         raise DataError(
             f"unknown task.data.source {data['source']!r}; allowed: {', '.join(SOURCES)}"
+        )
+    outputs = cfg["model"].get("num_classes", 1000)
+    if not isinstance(outputs, int) or outputs < classes:
+        raise DataError(
+            f"task.model.num_classes={outputs!r} does not fit the data: task.data "
+            f"({data['source']}) has {classes} classes; set task.model.num_classes={classes}"
         )
     return Task(
         name=cfg["name"],
@@ -151,8 +153,10 @@ def image_folders(data: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
     )
     eval_transform = v2.Compose([v2.ToImage(), v2.Resize(resize), v2.CenterCrop(size), *normalize])
     try:
-        train_set = torchvision.datasets.ImageFolder(root / "train", train_transform)
-        eval_set = torchvision.datasets.ImageFolder(root / "val", eval_transform)
+        train_set = torchvision.datasets.ImageFolder(
+            root / "train", train_transform, loader=load_image
+        )
+        eval_set = torchvision.datasets.ImageFolder(root / "val", eval_transform, loader=load_image)
     except FileNotFoundError as error:
         raise DataError(f"task.data.root={str(root)!r}: {error}; {layout}") from None
     if train_set.classes != eval_set.classes:
@@ -162,6 +166,15 @@ def image_folders(data: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
             f"(e.g. {', '.join(missing)}); {layout}"
         )
     return train_set, eval_set
+
+
+def load_image(path: str) -> Any:
+    """ImageFolder's own loader; DataError naming the file when it cannot be read."""
+    try:
+        return torchvision.datasets.folder.default_loader(path)
+    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"cannot read the image {path} ({reason}); replace or remove it") from None
 
 
 def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from graft.train.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -38,13 +40,22 @@ def save_checkpoint(directory: Path, step: int, payload: Mapping[str, Any], keep
 
 
 def load_newest_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """The newest checkpoint that loads; an unreadable one is reported and skipped."""
-    for path in reversed(saved_checkpoints(directory)):
+    """The newest checkpoint that loads (an unreadable one is reported and skipped); None
+    when there is none. UserError when there are checkpoints and none of them loads: the run
+    cannot resume, and starting it over from step 0 would rewrite what it logged."""
+    found = saved_checkpoints(directory)
+    for path in reversed(found):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # any corruption: truncated zip, bad pickle, bad tensor
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             log.warning("checkpoint %s is unreadable (%s); trying the one before", path, reason)
+    if found:
+        run_dir = directory.parent
+        raise UserError(
+            f"{found[-1]} is unreadable and no older checkpoint loads, so {run_dir} cannot "
+            f"resume; to start it over, move {run_dir} away (or pick another hydra.run.dir=...)"
+        )
     return None
 
 

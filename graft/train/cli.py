@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import hydra
@@ -16,12 +18,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from graft.train.config import CONFIGS, GROUP_FOLDERS, group_options, register_resolvers
-from graft.train.errors import UserError, exit_with
-from graft.train.loop import train
+from graft.train.errors import RunDirTaken, UserError, exit_with
+from graft.train.loop import check_before_building, train, write_error_log
+from graft.train.strict import check_config
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +85,43 @@ def check_overrides(overrides: list[str], *, compose_too: bool = True) -> None:
                     f"{', '.join(allowed)} (configs/{GROUP_FOLDERS[group]}/)"
                 )
     if compose_too:
-        task_overrides = [item for item in overrides if not item.lstrip("+~").startswith("hydra")]
-        try:
-            with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-                OmegaConf.to_container(compose("train", overrides=task_overrides), resolve=True)
-        except (HydraException, OmegaConfBaseException) as error:
-            raise UserError(f"{first_line(error)} (check the command-line overrides)") from None
+        config, run_dir = compose_run(overrides)
+        check_config(overrides, config, sweeping=False)
+        check_before_building(config)
+        check_run_dir(run_dir)
+
+
+def compose_run(overrides: list[str]) -> tuple[dict, Path]:
+    """The resolved config a single run of `overrides` gets, and its run directory."""
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the run directory
+            run_dir = Path(cfg.hydra.run.dir)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            return OmegaConf.to_container(cfg, resolve=True), run_dir
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UserError(f"{first_line(error)} (check the command-line overrides)") from None
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """UserError unless run_dir is (or can be made) a folder this process can write in."""
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(
+                f"the run directory {run_dir} cannot be made: {folder} is a file; move it away "
+                "or pick another folder with hydra.run.dir=..."
+            )
+        if folder.is_dir():
+            try:  # a real write: permission bits alone do not say (root, read-only mounts)
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as error:
+                raise UserError(
+                    f"cannot write in {folder} ({error.strerror}) for the run directory "
+                    f"{run_dir}; pick another folder with hydra.run.dir=..."
+                ) from None
+            return
 
 
 def first_line(error: Exception) -> str:
@@ -114,10 +148,17 @@ def run_hydra(cfg: DictConfig) -> None:
 
     sweeping = hydra_config.mode == RunMode.MULTIRUN
     try:
+        if sweeping:  # a single run was checked before Hydra started
+            check_config(list(hydra_config.overrides.task), config, sweeping=True)
         code = train(config, run_dir, record_config)
     except UserError as error:
-        if sweeping:  # one bad job: Hydra records it and the sweep goes on
+        if sweeping:  # one bad job: its reason on disk, Hydra records it, the sweep goes on
+            if not isinstance(error, RunDirTaken):
+                write_error_log(run_dir, str(error))
             raise
         exit_with("graft-train", error)
+    except Exception:
+        write_error_log(run_dir, "the run crashed (traceback below)", traceback.format_exc())
+        raise
     if code and not sweeping:  # a failed job of a sweep is recorded in its summary.json
         sys.exit(code)

@@ -15,6 +15,11 @@ class UserError(Exception):
     """A mistake the user fixes in the config or on the command line; one line, no traceback."""
 
 
+class RunDirTaken(UserError):
+    """The run directory holds another run (another config) or is in use by another job:
+    refused without touching any of its files."""
+
+
 def exit_with(program: str, error: Exception) -> NoReturn:
     """End a command on a user mistake: one line on stderr, exit code 2."""
     print(f"{program}: error: {error}", file=sys.stderr)

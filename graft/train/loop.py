@@ -31,14 +31,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from graft.optim import Graft, state_bytes
 from graft.tasks import Batch, DataError, Task, build_task
 from graft.train import distributed
-from graft.train.checkpoints import load_newest_checkpoint, save_checkpoint, write_atomically
+from graft.train.checkpoints import (
+    load_newest_checkpoint,
+    save_checkpoint,
+    saved_checkpoints,
+    write_atomically,
+)
 from graft.train.config import cell_name, config_differences
 from graft.train.data import BatchStream
-from graft.train.errors import EXIT_RUN_FAILED, NonFiniteLoss, UserError
+from graft.train.errors import EXIT_RUN_FAILED, NonFiniteLoss, RunDirTaken, UserError
 from graft.train.metrics import MetricsLog, NoMetrics, wandb_mode
-from graft.train.optimizer import build_optimizer, optimizer_specs
+from graft.train.optimizer import build_optimizer, check_optimizer, optimizer_specs
 from graft.train.provenance import git_sha, hardware, versions
-from graft.train.schedules import build_schedule
+from graft.train.schedules import ScheduleError, build_schedule, check_schedule
 from graft.transfer.replay import replay_multipliers
 
 log = logging.getLogger(__name__)
@@ -65,14 +70,14 @@ def train(
     """
     session_start = time.perf_counter()
     summary_path = run_dir / "summary.json"
-    if summary_path.exists():
+    if summary_path.exists():  # ended: a rerun of the same config is a no-op, another refused
+        refuse_other_config(config, run_dir, None)
         return report_ended_run(summary_path)
     checkpoint = load_newest_checkpoint(run_dir / "checkpoints")
     refuse_other_config(config, run_dir, checkpoint)
+    check_before_building(config)
 
     trainer = config["trainer"]
-    check_trainer(trainer)
-    wandb_mode(config["logger"])  # a bad W&B mode fails here, before anything is written
     ranks, device = distributed.setup(trainer["backend"], trainer["device"], trainer["timeout_s"])
     try:
         return train_ranks(config, run_dir, record_config, checkpoint, ranks, device, session_start)
@@ -204,11 +209,21 @@ def train_ranks(
     try:
         with logging_redirect_tqdm():
             summary.update(loop.run(desc=f"{task.name} {cell} seed{seed}"))
+    except DataError as error:  # an unreadable item met mid-run (in a loader worker too)
+        raise UserError(data_error_line(error)) from None
     except NonFiniteLoss as error:
+        loop.count_training_time()  # up to the failure: the summary's rates stay true
         summary.update(status="diverged", error=str(error), failed_step=error.step)
-        log.error(
-            "%s: stopping; the last good checkpoint is kept in %s", error, run_dir / "checkpoints"
+        kept = saved_checkpoints(run_dir / "checkpoints")
+        where = (
+            f"the last good checkpoint is {kept[-1]}"
+            if kept
+            else f"no checkpoint was written before it (trainer.checkpoint_every="
+            f"{trainer['checkpoint_every']})"
         )
+        log.error("%s: stopping; %s", error, where)
+        if ranks.main:
+            write_error_log(run_dir, f"{error}; {where}")
     progress.wall_seconds = loop.wall_seconds()
     summary.update(
         steps=progress.step,
@@ -293,7 +308,7 @@ class Loop:
             disable=not (trainer["progress"] and self.ranks.main),
             dynamic_ncols=True,
         )
-        mark = time.perf_counter()  # training time is counted up to here
+        self.mark = time.perf_counter()  # training time is counted up to here
         window = (progress.train_seconds, progress.samples)  # at the last train log line
         final: dict[str, Any] = {}
         self.model.train()
@@ -319,8 +334,7 @@ class Loop:
             losses = self.checked_losses()  # waits for the device: the step times are now real
             if due["checkpoint"]:  # never keep (or finish with) weights that went non-finite
                 self.check_weights()
-            now = time.perf_counter()
-            progress.train_seconds += now - mark
+            now = self.count_training_time()
             record: dict[str, Any] = {}
             if due["log"]:
                 rate = (progress.samples - window[1]) / max(
@@ -349,11 +363,18 @@ class Loop:
                 started = time.perf_counter()
                 self.save_checkpoint()
                 paused += time.perf_counter() - started
-            mark = now + paused  # so the next count includes logging but not the pause
+            self.mark = now + paused  # so the next count includes logging but not the pause
         bar.close()
         if not final:  # resumed from the last step's checkpoint: evaluate again (same result)
             final = self.evaluate()
         return final
+
+    def count_training_time(self) -> float:
+        """Add the training time since the last mark to progress; now (the new mark)."""
+        now = time.perf_counter()
+        self.progress.train_seconds += now - self.mark
+        self.mark = now
+        return now
 
     def train_step(self) -> Tensor:
         """One optimizer step over `accumulation` micro-batches; the step's mean loss."""
@@ -458,6 +479,13 @@ class Loop:
         return batch
 
 
+def data_error_line(error: DataError) -> str:
+    """The DataError's own line: a DataLoader worker's re-raise wraps it in its traceback."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    return last.split("DataError: ", 1)[-1]
+
+
 def report_ended_run(summary_path: Path) -> int:
     summary = json.loads(summary_path.read_text())
     if summary["status"] == "finished":
@@ -491,8 +519,8 @@ def refuse_other_config(
     differences = config_differences(recorded, config)
     if differences:
         shown = "; ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
-        raise UserError(
-            f"{run_dir} holds a run with another config ({shown}); resume it with its own "
+        raise RunDirTaken(
+            f"{run_dir} holds a run with another config ({shown}); rerun it with its own "
             "settings, or pick a new folder with hydra.run.dir=..."
         )
 
@@ -547,6 +575,42 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return micro, per_rank // micro
 
 
+def check_before_building(config: Mapping[str, Any]) -> None:
+    """Everything that can be checked without data or a model, so that a mistake is reported
+    before an ImageFolder scan or a tokenization: the trainer, W&B, optimizers, schedule."""
+    check_trainer(config["trainer"])
+    wandb_mode(config["logger"])
+    check_optimizer(config)
+    schedule, max_steps = config["schedule"], config["trainer"]["max_steps"]
+    if schedule["name"] == "replay":
+        replay_multipliers(schedule["run"], [], max_steps)
+        return
+    options = {key: value for key, value in schedule.items() if key != "name"}
+    try:
+        check_schedule(schedule["name"], max_steps, **options)
+    except ScheduleError as error:
+        raise UserError(schedule_message(error, config["task"]["name"])) from None
+
+
+def schedule_message(error: ScheduleError, task: str) -> str:
+    """The schedule's complaint and the keys that fix it (a task may set the schedule's)."""
+    if error.key is None:
+        return f"{error} (choose schedule=NAME)"
+    if error.key == "max_steps":
+        fixes = "set trainer.max_steps=..."
+    else:
+        fixes = f"set schedule.{error.key}=..."
+        if "max_steps" in str(error):  # a bound set by the run's length
+            fixes += " or trainer.max_steps=..."
+    return f"{error} ({fixes}; task={task} sets the schedule's defaults)"
+
+
+def write_error_log(run_dir: Path, reason: str, details: str = "") -> None:
+    """run_dir/error.log: why the run ended in error (first line), then any details."""
+    text = reason.strip() + "\n" + (details.rstrip() + "\n" if details else "")
+    write_atomically(run_dir / "error.log", lambda path: path.write_text(text))
+
+
 def make_scheduler(
     optimizer: Graft, schedule: Mapping[str, Any], max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -559,8 +623,8 @@ def make_scheduler(
     options = {key: value for key, value in schedule.items() if key != "name"}
     try:
         return build_schedule(optimizer, schedule["name"], max_steps, **options)
-    except ValueError as error:
-        raise UserError(f"{error} (fix it in the schedule config, e.g. schedule=cosine)") from None
+    except ScheduleError as error:
+        raise UserError(schedule_message(error, "the task")) from None
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

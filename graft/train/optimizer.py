@@ -7,11 +7,14 @@ is plain M with one param group per tensor, named, so each tensor gets its own l
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import nn
 
 from graft.optim import Graft
+from graft.train.config import CONFIGS
 from graft.train.errors import UserError
 from graft.transfer.static import load_multipliers
 
@@ -31,7 +34,42 @@ def optimizer_specs(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
     )
 
 
-def build_optimizer(model: nn.Module, config: Mapping[str, Any]) -> Graft:
+def check_optimizer(config: Mapping[str, Any]) -> None:
+    """Before any data or model is built: UserError for what build_optimizer would refuse
+    (a bad spec, static with grafting or with a replay, a missing multipliers file), and
+    for settings in the `optimizers` table that its named optimizer does not take."""
+    probe = nn.Linear(1, 1)
+    for name, settings in (config.get("optimizers") or {}).items():
+        spec = OmegaConf.to_container(OmegaConf.load(CONFIGS / "optim" / f"{name}.yaml"))
+        where = f"optimizers.{name}"
+        graft_or_user_error(probe.parameters(), {**spec, **settings}, None, config, where)
+    static = config.get("static")
+    if static and not Path(str(static)).is_file():
+        raise UserError(
+            f"static={static}: no such file (make one with graft-static derive RUN_DIR)"
+        )
+    build_optimizer(probe, config, multipliers_checked=False)
+
+
+def graft_or_user_error(params, magnitude, direction, config, where: str = "") -> Graft:
+    graft = config["graft"]
+    try:
+        return Graft(
+            params,
+            magnitude=magnitude,
+            direction=direction,
+            granularity=graft["granularity"],
+            eps=graft["eps"],
+            compile=graft.get("compile", False),
+        )
+    except (ValueError, TypeError) as error:
+        place = where or "magnitude.*, direction.*, optimizers.* or graft.*"
+        raise UserError(f"{error} (fix it in {place})") from None
+
+
+def build_optimizer(
+    model: nn.Module, config: Mapping[str, Any], *, multipliers_checked: bool = True
+) -> Graft:
     """M#D over the model's trainable parameters (plain M with `graft.enabled` false).
 
     With `trainer.decay_1d` false, biases and normalisation scales (tensors of ndim <= 1)
@@ -50,7 +88,7 @@ def build_optimizer(model: nn.Module, config: Mapping[str, Any]) -> Graft:
     if per_tensor:
         multipliers = (
             load_multipliers(config["static"], [name for name, _ in named])
-            if config.get("static")
+            if config.get("static") and multipliers_checked
             else {}
         )
         groups: list[dict[str, Any]] = [
@@ -68,20 +106,12 @@ def build_optimizer(model: nn.Module, config: Mapping[str, Any]) -> Graft:
             {"params": [p for p in params if decays(p, config)]},
             {"params": [p for p in params if not decays(p, config)], "weight_decay": 0.0},
         ]
-    try:
-        optimizer = Graft(
-            [group for group in groups if group["params"]],
-            magnitude=magnitude,
-            direction=direction if graft["enabled"] else None,
-            granularity=graft["granularity"],
-            eps=graft["eps"],
-            compile=graft.get("compile", False),
-        )
-    except ValueError as error:
-        raise UserError(
-            f"{error} (fix it in the magnitude, direction, optimizers or graft config, "
-            "e.g. magnitude.lr=...)"
-        ) from None
+    optimizer = graft_or_user_error(
+        [group for group in groups if group["params"]],
+        magnitude,
+        direction if graft["enabled"] else None,
+        config,
+    )
     if per_tensor and optimizer.grafting():
         what = f"static={config['static']}" if config.get("static") else "schedule=replay"
         raise UserError(

@@ -74,9 +74,18 @@ def build_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+class ScheduleError(ValueError):
+    """A schedule name or option out of range; `key` names the option (None: the name)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def check_schedule(name: str, max_steps: int, **options: float) -> None:
+    """ScheduleError (one line) for an unknown name, an unknown option or a bad value."""
     if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+        raise ScheduleError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
     limits = {
         "max_steps": (max_steps, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
         "warmup_steps": (
@@ -100,9 +109,14 @@ def check_schedule(name: str, max_steps: int, **options: float) -> None:
     }
     unknown = sorted(set(options) - set(limits))
     if unknown:
-        raise ValueError(
-            f"unknown schedule option {unknown[0]!r}; allowed: {', '.join(sorted(limits))}"
+        raise ScheduleError(
+            f"unknown schedule option {unknown[0]!r}; allowed: {', '.join(sorted(limits))}",
+            unknown[0],
         )
     for key, (value, ok, allowed) in limits.items():
-        if not ok(value):
-            raise ValueError(f"invalid schedule {key}={value!r}; allowed: {allowed}")
+        try:
+            good = ok(value)
+        except TypeError:  # a string where a number belongs
+            good = False
+        if not good:
+            raise ScheduleError(f"invalid schedule {key}={value!r}; allowed: {allowed}", key)
