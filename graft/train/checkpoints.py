@@ -44,12 +44,18 @@ def load_newest_checkpoint(directory: Path) -> dict[str, Any] | None:
     when there is none. UserError when there are checkpoints and none of them loads: the run
     cannot resume, and starting it over from step 0 would rewrite what it logged."""
     found = saved_checkpoints(directory)
+    unreadable = []
     for path in reversed(found):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # any corruption: truncated zip, bad pickle, bad tensor
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            log.warning("checkpoint %s is unreadable (%s); trying the one before", path, reason)
+            unreadable.append(
+                (path, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            )
+            continue
+        for bad, reason in unreadable:  # said once the run resumes: a refusal writes nothing
+            log.warning("checkpoint %s is unreadable (%s); trying the one before", bad, reason)
+        return checkpoint
     if found:
         run_dir = directory.parent
         raise UserError(

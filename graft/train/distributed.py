@@ -53,6 +53,16 @@ def from_submitit() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def announced_ranks() -> int:
+    """The world size a launcher set in the environment (torchrun, submitit), before setup."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name, "").isdigit() and (
+            name == "WORLD_SIZE" or "SUBMITIT_EXECUTOR" in os.environ
+        ):
+            return int(os.environ[name])
+    return 1
+
+
 def setup(backend: str, device_name: str, timeout_s: int) -> tuple[Ranks, torch.device]:
     """Join the process group (when launched with several processes); this rank's device.
 

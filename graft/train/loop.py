@@ -578,7 +578,10 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
 def check_before_building(config: Mapping[str, Any]) -> None:
     """Everything that can be checked without data or a model, so that a mistake is reported
     before an ImageFolder scan or a tokenization: the trainer, W&B, optimizers, schedule."""
-    check_trainer(config["trainer"])
+    trainer = config["trainer"]
+    check_trainer(trainer)
+    # The process count a launcher announces (torchrun, or 1): the batch must split over it.
+    split_batch(trainer["batch_size"], trainer["micro_batch_size"], distributed.announced_ranks())
     wandb_mode(config["logger"])
     check_optimizer(config)
     schedule, max_steps = config["schedule"], config["trainer"]["max_steps"]
