@@ -168,6 +168,12 @@ def test_a_run_whose_only_checkpoints_are_unreadable_is_refused(finished_run, tm
     [
         (["task.model.num_classes=5"], "task.model.num_classes=5 does not fit the data"),
         (["task.data.eval_fraction=1.5"], "task.data.eval_fraction=1.5"),
+        (["task.kind=vision"], "unknown task.kind 'vision'; allowed: image_classification"),
+        (["task.model.layers=[1,1]"], "task.model.layers=[1, 1] is invalid; allowed: four"),
+        (
+            ["task=imagenet_resnet50", "task.data.root=/no/such/imagenet"],
+            "task.data.root='/no/such/imagenet' has no train/ and val/ folders",
+        ),
     ],
 )
 def test_a_model_or_split_that_does_not_fit_the_data_is_refused_at_build(tmp_path, overrides, bad):

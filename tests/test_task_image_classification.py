@@ -171,3 +171,48 @@ def test_imagenet_config_trains_through_the_cli_on_a_tiny_image_folder(tmp_path)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # One warmup step at the base lr, then x0.1 from the milestone on.
     assert [line["train/lr"] for line in lines] == pytest.approx([1e-3, 1e-4])
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet", per_class=2)
+    broken = root / "train" / CLASSES[1] / f"{CLASSES[1]}_0.JPEG"
+    broken.write_bytes(b"not a jpeg")
+    task = imagefolder_task(root)
+    index = task.train_set.samples.index((str(broken), 1))
+    with pytest.raises(DataError, match=f"cannot read the image {broken} "):
+        task.train_set[index]
+
+
+def test_an_unreadable_image_met_in_training_ends_the_run_in_one_line(tmp_path):
+    """Met in a DataLoader worker: the worker's traceback is not the message."""
+    root = write_image_folder(tmp_path / "imagenet", per_class=2)
+    for name in CLASSES:  # every training image broken: the first batch meets one
+        for path in (root / "train" / name).iterdir():
+            path.write_bytes(b"\x00" * 16)
+    overrides = [
+        "task=imagenet_resnet50",
+        f"task.data.root={root}",
+        "task.model.name=resnet18",
+        "task.model.num_classes=3",
+        "task.data.image_size=32",
+        "task.data.resize_size=36",
+        "trainer.batch_size=6",
+        "trainer.max_steps=1",
+        "trainer.num_workers=1",
+        "trainer.bf16=false",
+        "trainer.channels_last=false",
+        "schedule.warmup_steps=0",
+        "logger=none",
+        "trainer.progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "graft.train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graft-train: error: cannot read the image ")
+    assert str(root / "train") in lines[0] and "replace or remove it" in lines[0]
