@@ -118,6 +118,45 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, 
     assert tree_hashes(tmp_path) == before
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no one may write in, root included (chmod alone does not stop root)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    (folder / "kept.txt").write_text("kept\n")
+    folder.chmod(0o555)
+    immutable = False
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        pass
+    else:
+        (folder / "probe").unlink()
+        immutable = (
+            subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        )
+        if not immutable:
+            pytest.skip("no way to make a read-only folder here (root without chattr)")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def test_a_read_only_run_folder_is_one_line(read_only_folder, monkeypatch, capsys):
+    monkeypatch.chdir(read_only_folder.parent)
+    before = tree_hashes(read_only_folder.parent)
+    run_dir = read_only_folder / "run"
+    monkeypatch.setattr(sys, "argv", ["graft-train", *TINY, f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert_one_line_refusal(
+        exit_.value.code, err, f"cannot write in {read_only_folder}", "graft-train"
+    )
+    assert tree_hashes(read_only_folder.parent) == before
+
+
 def graft_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "graft.train", *TINY, *overrides],
