@@ -86,6 +86,11 @@ BEFORE_HYDRA = [
     (["graft=off", "schedule=replay", "schedule.run=/no/such/run"], "/no/such/run"),
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode='sometimes'"),
     (["trainer.max_steps=["], "bad override"),
+    # A task's own schedule is checked before its data is scanned (no ImageNet here).
+    (["task=imagenet_resnet50", "trainer.max_steps=100"], "task=imagenet_resnet50 sets the"),
+    # A sweep is checked on its first job before any job starts.
+    (["-m", "trainer.seed=0,1", "+trainer.foo=1"], "+trainer.foo=1 configures nothing"),
+    (["-m", "magnitude.lr=0.1,abc"], "magnitude.lr=abc is a string"),
 ]
 
 

@@ -70,7 +70,7 @@ def run_grid(
     # One representative cell composes first: a bad override fails here, not in every job.
     check_overrides(
         [f"optim@magnitude={magnitude}", f"optim@direction={direction}", *shared],
-        compose_too=not any(item.startswith("hydra/launcher") for item in shared),
+        sweep=True,  # the optimizers table serves every cell
     )
     sweep_dir = outputs / experiment.name
     refuse_another_version(experiment, extra, sweep_dir)

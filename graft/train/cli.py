@@ -16,6 +16,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -56,14 +57,16 @@ def main() -> None:
     overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-") and "=" in arg]
     multirun = any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
     try:
-        check_overrides(overrides, compose_too=not multirun)
+        check_overrides(overrides, sweep=multirun)
     except UserError as error:
         exit_with("graft-train", error)
     run_hydra()
 
 
-def check_overrides(overrides: list[str], *, compose_too: bool = True) -> None:
-    """UserError for an unknown group option or an override that does not compose."""
+def check_overrides(overrides: list[str], *, compose_too: bool = True, sweep: bool = False) -> None:
+    """UserError for an unknown group option, or an override that does not compose or is
+    refused by the checks every run makes before building anything (graft/train/strict.py,
+    check_before_building). A sweep (`-m`) is checked on its first job."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as error:
@@ -84,15 +87,43 @@ def check_overrides(overrides: list[str], *, compose_too: bool = True) -> None:
                     f"unknown {group} option {choice!r} in {override.input_line}; allowed: "
                     f"{', '.join(allowed)} (configs/{GROUP_FOLDERS[group]}/)"
                 )
-    if compose_too:
-        config, run_dir = compose_run(overrides)
-        check_config(overrides, config, sweeping=False)
+    if not compose_too:
+        return
+    for job in sample_jobs(parsed) if sweep else [overrides]:
+        config, run_dir = compose_run(job)
+        check_config(job, config, sweeping=sweep)
         check_before_building(config)
-        check_run_dir(run_dir)
+        if not sweep:
+            check_run_dir(run_dir)
+
+
+def sample_jobs(parsed: list[Override]) -> list[list[str]]:
+    """Jobs of a sweep that between them hold every swept value once (each value with the
+    first of every other sweep): as many jobs as values, not as the sweep's product."""
+
+    def line(override: Override, value: str) -> str:
+        prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}.get(override.type, "")
+        return f"{prefix}{override.get_key_element()}={value}"
+
+    values = [
+        list(override.sweep_string_iterator()) if override.is_sweep_override() else None
+        for override in parsed
+    ]
+    first = [
+        line(override, choices[0]) if choices else override.input_line
+        for override, choices in zip(parsed, values)
+    ]
+    jobs = [first]
+    for index, choices in enumerate(values):
+        for value in (choices or [])[1:]:
+            jobs.append([*first[:index], line(parsed[index], value), *first[index + 1 :]])
+    return jobs
 
 
 def compose_run(overrides: list[str]) -> tuple[dict, Path]:
     """The resolved config a single run of `overrides` gets, and its run directory."""
+    # A launcher choice (hydra/launcher=slurm) changes where runs go, not what they compute.
+    overrides = [item for item in overrides if not item.lstrip("+~").startswith("hydra/")]
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
