@@ -2,7 +2,8 @@
 
 Every line of metrics.jsonl is one JSON object with `step` and metric keys (`train/loss`,
 `eval/top1`, `norms/magnitude/<parameter>` ...). A resumed run first drops the lines written
-after its checkpoint, so the file always reads as one uninterrupted run.
+after its checkpoint, so the file always reads as one uninterrupted run; the W&B run then gets
+again the rows up to the checkpoint that a kill kept from its earlier segments (log_missing).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from graft.train.wandb_history import history_rows, run_logs
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("auto", "online", "offline")
+UNREACHABLE = "credentials found, but W&B is unreachable"  # starts the why of a fallback
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -85,9 +87,6 @@ def wandb_mode(logger: Mapping[str, Any]) -> tuple[str, str] | None:
         "WANDB_MODE=offline and upload later with `wandb sync <run>/wandb`, or use "
         "logger.mode=auto to fall back to offline"
     )
-
-
-UNREACHABLE = "credentials found, but W&B is unreachable"
 
 
 class MetricsLog:
