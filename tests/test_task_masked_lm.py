@@ -313,3 +313,178 @@ def test_bert_base_config_holds_devlin_et_al_values():
     assert cfg["trainer"]["batch_size"] == 256 and cfg["trainer"]["max_steps"] == 1_000_000
     assert cfg["schedule"] == {"name": "linear", "warmup_steps": 10000, "final_ratio": 0.0}
     assert data["source"] == "load_dataset" and data["path"] == "wikimedia/wikipedia"
+
+
+def write_paragraphs(path: Path, paragraphs: list[list[str]]) -> str:
+    """A text file in BERT's corpus format: a blank line after each document."""
+    path.write_text("".join("\n".join(lines) + "\n\n" for lines in paragraphs))
+    return str(path)
+
+
+def paragraphs(count: int, lines_each: int = 5) -> list[list[str]]:
+    lines = english_lines()
+    return [lines[i * lines_each : (i + 1) * lines_each] for i in range(count)]
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """The hub unreachable (a closed port), offline mode off; datasets must not be asked."""
+    import socket
+
+    from graft import network
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    network.probe.cache_clear()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the hub should not have been asked")
+
+    monkeypatch.setattr(masked_lm.datasets, "load_dataset", no_download)
+    monkeypatch.setattr(masked_lm.AutoTokenizer, "from_pretrained", no_download)
+    yield port
+    network.probe.cache_clear()
+
+
+def test_bert_base_without_the_hub_is_one_line_naming_the_local_options(tmp_path, no_hub):
+    message = bad_input(composed("bert_base")["task"], tmp_path)
+    assert message.startswith(
+        "task.data.path=wikimedia/wikipedia and task.tokenizer.name=google-bert/bert-base-uncased"
+        " need the Hugging Face hub, which is unreachable "
+        f"(127.0.0.1:{no_hub}: connection refused)"
+    )
+    for hint in ("task.data.path=text", "task.data.data_files=", "task.tokenizer.name=null"):
+        assert hint in message
+    assert "HF_HUB_OFFLINE=1" in message
+
+
+def test_local_data_and_tokenizer_folder_need_no_hub(tmp_path, no_hub, monkeypatch):
+    """Only what names the hub is checked: local files and a saved tokenizer pass."""
+    saved = tmp_path / "tokenizer"
+    saved.mkdir()
+    cfg = config(source="load_dataset", path="text", data_files=[str(tmp_path / "a.txt")])
+    cfg["tokenizer"]["name"] = str(saved)
+    assert masked_lm.hub_needs(cfg) == []
+    masked_lm.check_hub(cfg)  # no error
+    cfg["tokenizer"]["name"] = "someone/tokenizer"
+    assert masked_lm.hub_needs(cfg) == ["task.tokenizer.name=someone/tokenizer"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user says: use the cache
+    masked_lm.check_hub(cfg)
+
+
+def test_hub_data_or_tokenizer_missing_offline_is_one_line(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 and nothing cached: the libraries' errors become one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = config()
+    cfg["tokenizer"]["name"] = str(tmp_path / "no-such-folder")
+    message = bad_input(cfg, tmp_path)
+    assert message.startswith(f"task.tokenizer.name={tmp_path / 'no-such-folder'}: ")
+    assert "task.tokenizer.name=null" in message
+
+    def offline(*args, **kwargs):  # what datasets raises in offline mode without a cache
+        raise ConnectionError("Couldn't reach 'wikimedia/wikipedia' on the Hub (OfflineMode)")
+
+    monkeypatch.setattr(masked_lm.datasets, "load_dataset", offline)
+    message = bad_input(config(source="load_dataset", path="wikimedia/wikipedia"), tmp_path)
+    assert message.startswith("task.data.path=wikimedia/wikipedia: Couldn't reach")
+    assert "task.data.path=text task.data.data_files=" in message
+
+
+def test_bert_base_on_local_text_with_a_tokenizer_trained_here_runs(tmp_path):
+    """README: task.data.path=text task.data.data_files=[...] task.tokenizer.name=null."""
+    from graft.train.loop import train
+
+    files = [
+        write_paragraphs(tmp_path / "a.txt", paragraphs(40)),
+        write_paragraphs(tmp_path / "b.txt", paragraphs(80)[40:]),
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "task=bert_base",
+                "logger=none",
+                "task.data.path=text",
+                "task.data.name=null",
+                f"task.data.data_files=[{','.join(files)}]",
+                "task.data.num_proc=null",
+                "task.data.seq_len=32",
+                "task.tokenizer.name=null",
+                *(f"task.model.{key}={value}" for key, value in TINY["model"].items()),
+                "trainer.batch_size=4",
+                "trainer.max_steps=2",
+                "trainer.eval_every=0",
+                "trainer.eval_batch_size=64",
+                "trainer.log_norms_every=0",
+                "trainer.checkpoint_every=0",
+                "trainer.bf16=false",
+                "trainer.num_workers=0",
+                "trainer.progress=false",
+                "schedule.warmup_steps=1",
+                f"cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    (tmp_path / "run").mkdir()  # Hydra's job: the run directory exists
+    assert train(cfg, tmp_path / "run") == 0
+    [tokenizer] = (tmp_path / "cache" / "tokenizer").iterdir()  # WordPiece trained here
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert '"status": "finished"' in summary and '"eval/accuracy"' in summary
+
+
+def test_text_files_hold_out_whole_paragraphs_and_at_least_the_minimum(tmp_path):
+    docs = paragraphs(100)
+    files = [
+        write_paragraphs(tmp_path / "a.txt", docs[:50]),
+        write_paragraphs(tmp_path / "b.txt", docs[50:]),
+    ]
+    data = config(source="load_dataset", path="text", data_files=files, eval_fraction=0.001)
+    train, held_out = load_documents(data["data"])
+    # 0.001 of 100 documents would be one: the minimum holds out 8, each a whole paragraph.
+    assert len(held_out) == masked_lm.MIN_EVAL_DOCUMENTS == 8 and len(train) == 92
+    expected = {"\n".join(lines) for lines in docs}
+    assert set(held_out["text"]) | set(train["text"]) == expected
+    assert set(held_out["text"]).isdisjoint(train["text"])
+    assert len(load_documents({**data["data"], "eval_fraction": 0.2})[1]) == 20
+
+    task = build(data, seed=0, cache_dir=tmp_path / "cache")
+    assert len(task.eval_set) >= masked_lm.MIN_EVAL_BLOCKS
+
+
+def test_too_few_documents_to_hold_out_the_minimum_is_refused(tmp_path):
+    files = [write_paragraphs(tmp_path / "a.txt", paragraphs(15))]
+    message = bad_input(config(source="load_dataset", path="text", data_files=files), tmp_path)
+    assert message.startswith("found 15 document(s); holding out 8")
+    assert "a blank line ends a document" in message and "task.data.eval_split" in message
+    # one long file without blank lines is one document
+    one = [write_text(tmp_path / "b.txt", english_lines()[:500])]
+    message = bad_input(config(source="load_dataset", path="text", data_files=one), tmp_path)
+    assert message.startswith("found 1 document(s)")
+
+
+def test_a_held_out_split_of_too_few_blocks_is_refused_with_a_fraction_that_works(tmp_path):
+    # 1-line documents: 8 of them make fewer than 8 blocks of 32 tokens
+    files = [write_paragraphs(tmp_path / "a.txt", paragraphs(400, lines_each=1))]
+    cfg = config(source="load_dataset", path="text", data_files=files, eval_fraction=0.01)
+    message = bad_input(cfg, tmp_path)
+    found = re.search(r"the 8 held-out documents make (\d) block\(s\) of 32 tokens", message)
+    assert found and int(found[1]) < masked_lm.MIN_EVAL_BLOCKS, message
+    suggested = re.search(r"task.data.eval_fraction \(e.g. ([0-9.]+)\)", message)
+    task = build(
+        config(**{**cfg["data"], "eval_fraction": float(suggested[1])}),
+        seed=0,
+        cache_dir=tmp_path / "cache",
+    )
+    assert len(task.eval_set) >= masked_lm.MIN_EVAL_BLOCKS
+
+
+def test_training_a_tokenizer_needs_a_vocabulary_size(tmp_path):
+    cfg = config()
+    cfg["tokenizer"]["vocab_size"] = None
+    message = bad_input(cfg, tmp_path)
+    assert message.startswith("task.tokenizer.vocab_size=None: with task.tokenizer.name=null")
+    assert "task.tokenizer.vocab_size=30522" in message

@@ -13,8 +13,16 @@ Sources (`task.data.source`):
     load_dataset  `datasets.load_dataset(path, name, data_files=..., split=...)`: a hub corpus
                   (English Wikipedia) or local files with path "text" / "parquet" / "json" /
                   "csv" and `data_files`.
-Without an eval split, `eval_fraction` of the train *documents* is held out (whole documents, so
-no block straddles the two sets), chosen by `data.eval_seed`: the same for every trainer seed.
+A document is a row of the dataset; in text files (path "text") it is a paragraph: the lines up
+to a blank line, never across files (BERT's corpus format: one sentence per line, a blank line
+between documents). Without an eval split, `eval_fraction` of the train documents is held out,
+at least MIN_EVAL_DOCUMENTS of them (whole documents, so no block straddles the two sets),
+chosen by `data.eval_seed`: the same for every trainer seed. Data too small to hold out that
+many, or a held-out split of fewer than MIN_EVAL_BLOCKS blocks, is refused.
+
+Hub data and tokenizers need the Hugging Face hub: when it does not answer within seconds (a
+compute node) the build says so in one line and how to point at local files, rather than
+retrying for most of a minute (HF_HUB_OFFLINE=1 skips the check and uses the local cache).
 
 Tokenizer (`task.tokenizer`): `name` loads a pretrained one (hub name or local folder); null
 trains a BERT WordPiece tokenizer on the train split and keeps it under `cache_dir/tokenizer/`,
@@ -29,6 +37,7 @@ which the trainer seeds and checkpoints.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import shutil
 import tempfile
@@ -51,6 +60,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from graft.network import unreachable
 from graft.tasks.base import DataError, Task
 
 SOURCES = ("pydoc", "load_dataset")
@@ -58,6 +68,17 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 IGNORE_INDEX = -100  # label of unmasked positions (what transformers' MLM loss skips)
 LOCAL_BUILDERS = ("text", "parquet", "json", "csv", "arrow")  # data_files on this machine
 MAP_BATCH = 1000  # documents per `datasets.map` batch; each batch drops its ragged tail
+# A held-out split smaller than this scores a handful of masked tokens: its accuracy is noise.
+MIN_EVAL_DOCUMENTS = 8  # the pydoc default holds out 8 of 79
+MIN_EVAL_BLOCKS = 8  # >= ~150 masked tokens at seq_len 128
+LOCAL_DATA = (
+    "task.data.path=text task.data.data_files=[/data/a.txt,...] (or parquet/json/csv, "
+    "or a dataset folder saved by datasets)"
+)
+LOCAL_TOKENIZER = (
+    "task.tokenizer.name=/path/to/tokenizer (a folder saved by save_pretrained), or "
+    "task.tokenizer.name=null to train WordPiece on the data"
+)
 
 
 def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
@@ -78,12 +99,20 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
             f"task.data.seq_len {seq_len} must lie in [3, {max_positions}] "
             "(task.model.max_position_embeddings); fix task.data.seq_len"
         )
+    check_vocab_size(cfg["tokenizer"])
+    check_hub(cfg)
     column = data.get("text_column") or "text"
+    name = cfg["tokenizer"].get("name")
+    tokenizer = load_pretrained(name) if name else None  # before the data: it may fail fast
     train_docs, eval_docs = load_documents(data)
-    tokenizer = load_tokenizer(cfg["tokenizer"], train_docs, column, Path(cache_dir))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg["tokenizer"], train_docs, column, Path(cache_dir))
     num_proc = data.get("num_proc")
-    train_blocks = group_blocks(train_docs, tokenizer, column, seq_len, "train", num_proc)
+    # The (small) eval split first: a refusal comes before the long train tokenization.
     eval_blocks = group_blocks(eval_docs, tokenizer, column, seq_len, "eval", num_proc)
+    if not data.get("eval_split"):
+        check_held_out(eval_blocks, len(eval_docs), len(eval_docs) + len(train_docs), data)
+    train_blocks = group_blocks(train_docs, tokenizer, column, seq_len, "train", num_proc)
     probability = float(data.get("mlm_probability", 0.15))
     eval_set = mask_once(eval_blocks, tokenizer, probability, seed=int(data.get("eval_seed", 0)))
 
@@ -121,6 +150,57 @@ def mlm_eval_sums(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Te
     }
 
 
+def check_vocab_size(tokenizer: Mapping[str, Any]) -> None:
+    """A tokenizer trained here (name null) needs an integer vocabulary size."""
+    size = tokenizer.get("vocab_size")
+    if tokenizer.get("name") or (
+        isinstance(size, int) and not isinstance(size, bool) and size > len(SPECIAL_TOKENS)
+    ):
+        return
+    raise DataError(
+        f"task.tokenizer.vocab_size={size!r}: with task.tokenizer.name=null a WordPiece "
+        f"tokenizer is trained on the data, and its size must be an integer > "
+        f"{len(SPECIAL_TOKENS)} (e.g. task.tokenizer.vocab_size=30522, BERT's)"
+    )
+
+
+def hub_offline() -> bool:
+    """Whether the user told the Hugging Face libraries to use their local cache only."""
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(flag, "").upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def hub_needs(cfg: Mapping[str, Any]) -> list[str]:
+    """The config values that name something on the hub rather than on this machine."""
+    data, name = cfg["data"], cfg["tokenizer"].get("name")
+    needs = []
+    path = data.get("path")
+    if data.get("source") == "load_dataset" and path and not is_local(path):
+        needs.append(f"task.data.path={path}")
+    if name and not is_local(name):
+        needs.append(f"task.tokenizer.name={name}")
+    return needs
+
+
+def is_local(path: str) -> bool:
+    return path in LOCAL_BUILDERS or Path(os.path.expanduser(path)).exists()
+
+
+def check_hub(cfg: Mapping[str, Any]) -> None:
+    """DataError within seconds when the config needs the hub and the hub does not answer."""
+    needs = hub_needs(cfg)
+    if not needs or hub_offline():
+        return
+    down = unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if down is None:
+        return
+    raise DataError(
+        f"{' and '.join(needs)} need the Hugging Face hub, which is unreachable ({down}); "
+        f"use local files: {LOCAL_DATA}, and {LOCAL_TOKENIZER} "
+        "(or, if they are in the Hugging Face cache already, set HF_HUB_OFFLINE=1)"
+    )
+
+
 def load_documents(data: Mapping[str, Any]) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, eval) documents, each a Dataset with the one column `data.text_column`."""
     source = data.get("source")
@@ -147,14 +227,24 @@ def load_split(data: Mapping[str, Any], key: str) -> datasets.Dataset:
     """The split named by `data[key]` of `datasets.load_dataset`, reduced to the text column."""
     column = data.get("text_column") or "text"
     split = data.get(key) or "train"
+    # Text files: one document per paragraph (see the module docstring), not per line.
+    options = {"sample_by": "paragraph"} if data["path"] == "text" else {}
     try:
         dataset = datasets.load_dataset(
-            data["path"], data.get("name"), data_files=data.get("data_files"), split=split
+            data["path"],
+            data.get("name"),
+            data_files=data.get("data_files"),
+            split=split,
+            **options,
         )
     except ValueError as error:
         if not str(error).startswith("Unknown split"):
             raise
         raise DataError(f"task.data.{key}: {error} (fix task.data.{key})") from None
+    except (ConnectionError, FileNotFoundError) as error:  # not on the hub, nor in its cache
+        raise DataError(
+            f"task.data.path={data['path']}: {first_line(error)}; use local files: {LOCAL_DATA}"
+        ) from None
     if column not in dataset.column_names:
         raise DataError(
             f"task.data.text_column {column!r} is not a column of {data['path']!r} "
@@ -185,22 +275,50 @@ def as_list(files: str | list[str]) -> list[str]:
     return [files] if isinstance(files, str) else [str(file) for file in files]
 
 
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def hold_out(
     documents: datasets.Dataset, data: Mapping[str, Any]
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split whole documents into (train, eval) by a permutation fixed by `data.eval_seed`."""
+    """Split whole documents into (train, eval) by a permutation fixed by `data.eval_seed`:
+    `eval_fraction` of them (rounded up), and at least MIN_EVAL_DOCUMENTS, held out."""
     fraction = float(data.get("eval_fraction", 0.1))
     if not 0.0 < fraction < 1.0:
         raise DataError(
             f"task.data.eval_fraction {fraction} must lie in (0, 1), or set task.data.eval_split"
         )
-    if len(documents) < 2:
+    count = len(documents)
+    held_out = max(math.ceil(fraction * count), MIN_EVAL_DOCUMENTS)
+    if count - held_out < MIN_EVAL_DOCUMENTS:
         raise DataError(
-            f"found {len(documents)} document(s); holding out task.data.eval_fraction needs at "
-            "least 2 (add text to task.data.data_files or set task.data.eval_split)"
+            f"found {count} document(s); holding out {held_out} (task.data.eval_fraction="
+            f"{fraction}, at least {MIN_EVAL_DOCUMENTS}) and training on at least "
+            f"{MIN_EVAL_DOCUMENTS} needs {held_out + MIN_EVAL_DOCUMENTS}; add text (in text "
+            "files a blank line ends a document), lower task.data.eval_fraction, or set "
+            "task.data.eval_split"
         )
-    split = documents.train_test_split(test_size=fraction, seed=int(data.get("eval_seed", 0)))
+    split = documents.train_test_split(test_size=held_out, seed=int(data.get("eval_seed", 0)))
     return split["train"], split["test"]
+
+
+def check_held_out(
+    blocks: datasets.Dataset, documents: int, total: int, data: Mapping[str, Any]
+) -> None:
+    """DataError when the `documents` held out of `total` make fewer than MIN_EVAL_BLOCKS
+    blocks; it suggests an eval_fraction that holds out enough (blocks grow about linearly
+    with the documents, so half as many again as linearly needed)."""
+    if len(blocks) >= MIN_EVAL_BLOCKS:
+        return
+    needed = 1.5 * MIN_EVAL_BLOCKS * documents / max(len(blocks), 1)
+    suggested = min(0.5, needed / total)
+    raise DataError(
+        f"the {documents} held-out documents make {len(blocks)} block(s) of "
+        f"{data['seq_len']} tokens, fewer than the {MIN_EVAL_BLOCKS} a meaningful evaluation "
+        f"needs; raise task.data.eval_fraction (e.g. {suggested:.2g}), add text, or set "
+        "task.data.eval_split"
+    )
 
 
 def load_tokenizer(
@@ -215,7 +333,7 @@ def load_tokenizer(
     `datasets` fingerprint and the vocabulary size, so a changed corpus trains a new one.
     """
     if cfg.get("name"):
-        return AutoTokenizer.from_pretrained(cfg["name"])
+        return load_pretrained(cfg["name"])
     vocab_size = int(cfg["vocab_size"])
     # `_fingerprint`: datasets' hash of the documents and how they were made (no public name)
     saved = cache_dir / "tokenizer" / f"{documents._fingerprint}-{vocab_size}"
@@ -232,6 +350,15 @@ def load_tokenizer(
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return AutoTokenizer.from_pretrained(saved)
+
+
+def load_pretrained(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer `name` (a hub name or a local folder); DataError when it is neither."""
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as error:  # not a folder here, not on the hub, nor in its cache
+        message = f"task.tokenizer.name={name}: {first_line(error)}; use {LOCAL_TOKENIZER}"
+        raise DataError(message) from None
 
 
 def text_batches(documents: datasets.Dataset, column: str) -> Iterator[list[str]]:
