@@ -57,7 +57,7 @@ class Runs:
     values: dict[str, list[float]]  # metric -> one value per finished seed
     failures: list[Failure]
     run_dirs: list[Path]  # the finished runs
-    started: int = 0  # how many of the seeds' run folders exist
+    started: int  # how many of the seeds' run folders exist
 
     def mean(self, metric: str) -> float | None:
         values = self.values.get(metric) or []
@@ -119,7 +119,7 @@ def failure_of(run_dir: Path, seed: int) -> Failure | None:
 
 def gather_runs(folder: Path, seeds: list[int], metrics: list[str]) -> Runs:
     """The runs folder/seed<k>/ for every seed."""
-    runs = Runs({metric: [] for metric in metrics}, [], [])
+    runs = Runs({metric: [] for metric in metrics}, [], [], 0)
     for seed in seeds:
         run_dir = folder / f"seed{seed}"
         runs.started += run_dir.exists()
@@ -214,7 +214,10 @@ def learning_rates_line(experiment: Experiment, tuned: bool) -> str:
             "(see tuning.md); the other settings are the experiment file's.\n"
         )
     source = experiment.source.name if experiment.source else "the experiment file"
-    return f"**Untuned**: the learning rates are the experiment file's ({source}).\n"
+    return (
+        f"**Untuned**: the learning rates are the experiment file's ({source}), not chosen by "
+        "`graft-grid --tune`.\n"
+    )
 
 
 def markdown(experiment: Experiment, cells: list[Cell], tuned: bool = False) -> str:

@@ -96,7 +96,7 @@ def run_study(
     redo = f"graft-grid {experiment.name}" + (" --tune" if tuned else "")
     refuse_to_shrink(results, len(finished), total, tuned=tuned, force=force, redo=redo)
     header, rest = body.split("\n", 1)
-    table = "\n".join([header, learning_rates_line(experiment, tuned), rest.lstrip("\n")])
+    table = "\n".join([header, "", learning_rates_line(experiment, tuned), rest.lstrip("\n")])
     table += "\n".join(failure_lines(arms)) + ("\n" if failure_lines(arms) else "")
 
     def build(folder: Path) -> None:
@@ -138,7 +138,7 @@ def static_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
     if source not in arms[grafted].run_dirs:  # nothing to derive from: the arm cannot run
         reason = f"not run: {grafted} seed {experiment.seeds[0]} did not finish"
         failures = [Failure(seed, reason, source) for seed in experiment.seeds]
-        arms[corrected] = Runs({name: [] for name in experiment.metrics}, failures, [])
+        arms[corrected] = Runs({name: [] for name in experiment.metrics}, failures, [], 0)
         return unfinished_static(experiment, arms), arms, lambda folder: None
     recorded = load_recorded(source)
     window = parse_window(experiment.study.get("window"), recorded)
