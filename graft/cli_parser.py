@@ -16,7 +16,12 @@ from graft.train.errors import EXIT_USER_ERROR
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser (subcommands included) whose errors are one line naming the program."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --tune is not --tuned
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         program = self.prog.split()[0]  # "graft-static derive" -> "graft-static"
+        message = " ".join(message.split())  # one line, whatever argparse wrapped
         print(f"{program}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

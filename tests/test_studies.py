@@ -35,7 +35,7 @@ def run_study(folder: Path, name: str, study: str, m: str = "adam", d: str = "sg
     path.write_text(STUDY.format(name=name, m=m, d=d, study=study))
     return run_grid(
         load_experiment(str(path)), [], outputs=folder / "outputs", results_root=folder / "results"
-    )
+    ).folder
 
 
 def summary(folder: Path, name: str, arm: str) -> dict:
@@ -117,12 +117,12 @@ def test_the_trend_divides_out_the_runs_schedule():
 @pytest.mark.parametrize(
     ("study", "grid", "message"),
     [
-        ("{kind: sometimes}", "[adam]", "study.kind 'sometimes' is unknown; allowed: static"),
-        ("{kind: static, lrs: [1]}", "[adam]", "study option 'lrs' does not apply to static"),
-        ("{kind: tuning_transfer}", "[adam]", "needs lrs: \\[the direction's learning rates"),
+        ("{kind: sometimes}", "[adam]", "study.kind: 'sometimes' is unknown; allowed: static"),
+        ("{kind: static, lrs: [1]}", "[adam]", "study.lrs: option 'lrs' does not apply to static"),
+        ("{kind: tuning_transfer}", "[adam]", "study.lrs: .*needs lrs: \\[the direction's"),
         ("{kind: static}", "[adam, sgd]", "grid needs one magnitude and one direction"),
-        ("{kind: static, window: 10:20}", "[adam]", "study.window 620 is not 'START:END'"),
-        ("{kind: static, reduce: max}", "[adam]", "study.reduce 'max' is unknown"),
+        ("{kind: static, window: 10:20}", "[adam]", "study.window: 620 is not 'START:END'"),
+        ("{kind: static, reduce: max}", "[adam]", "study.reduce: 'max' is unknown"),
     ],
 )
 def test_a_bad_study_block_is_named(tmp_path, study, grid, message):

@@ -194,15 +194,16 @@ def fields(schema: Mapping[str, Check], required: tuple[str, ...] = ()) -> Check
         where = f"{key}." if key else ""
         if not isinstance(value, Mapping):
             raise Bad(key or "the file", value, f"a mapping of {', '.join(schema)}")
-        for name in required:
-            if value.get(name) is None:
-                raise Misplaced(f"{where}{name}", f"missing; e.g. {EXAMPLES[name]}")
-        for name, element in value.items():
+        for name, element in value.items():  # a misspelt key first: it explains a missing one
             if name not in schema:
                 raise Misplaced(
                     f"{where}{name}",
                     f"unknown key (value {shown(element)}); allowed: {', '.join(schema)}",
                 )
+        for name in required:
+            if value.get(name) is None:
+                raise Misplaced(f"{where}{name}", f"missing; e.g. {EXAMPLES[name]}")
+        for name, element in value.items():
             if element is not None or name in required:
                 schema[name](element, f"{where}{name}")
 

@@ -179,7 +179,7 @@ def write_files(folder: Path, writers: Mapping[str, Callable[[Path], None]]) -> 
         clean_up(None, made)
         if isinstance(error, OSError):
             raise UserError(
-                f"could not write in {folder} ({error.strerror}: {error.filename})"
+                f"cannot write in {folder} ({error.strerror}: {error.filename})"
             ) from None
         raise
 

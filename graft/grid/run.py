@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from graft.cli_parser import Parser
 from graft.grid import publish
-from graft.grid.experiment import Experiment, load_experiment
+from graft.grid.experiment import Bad, Experiment, load_experiment, override
 from graft.grid.launch import multirun
 from graft.grid.publish import check_writable, results_folder, write_files
 from graft.grid.table import Written, write_results
@@ -104,6 +104,14 @@ def run_grid(
                     f"{experiment.source}: optimizers.{name}.{key} is null (not known); set it "
                     "in the experiment file, or give a tune.lr list and pass --tune"
                 )
+    for item in extra:
+        try:
+            override(item, "command line")
+        except Bad:
+            raise UserError(
+                f"{item!r} on the command line is not a Hydra override key=value (e.g. "
+                "trainer.max_steps=100; quote values with brackets or commas)"
+            ) from None
     shared = experiment.shared_overrides(extra)
     magnitude, direction = experiment.cells()[0]
     # One representative cell composes first: a bad override fails here, not in every job.
