@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ overrides: [trainer.max_steps=2, trainer.batch_size=8, logger=none, trainer.prog
             trainer.log_every=1, trainer.log_norms_every=1, trainer.eval_every=2]
 metrics: [eval/top1, eval/loss]
 """
+OVERRIDES = CAT[CAT.index("overrides:") : CAT.index("metrics:")]
 ONE_PAIR = CAT.replace("direction: [sgd, adam]", "direction: [sgd]")  # as a study needs
 GRAFTED = "outputs/cat/adam#sgd/seed0"  # relative to the grid's folder
 
@@ -46,6 +48,9 @@ def grid(tmp_path_factory) -> Path:
         load_experiment(str(root / "cat.yaml")), [], root / "outputs", root / "results"
     )
     assert written.finished == 2
+    # The commands here never read the weights; hashing them for every case would be slow.
+    for weights in [*root.glob("outputs/cat/*/seed0/checkpoints"), *root.rglob("*.safetensors")]:
+        shutil.rmtree(weights) if weights.is_dir() else weights.unlink()
     compare.compare([root / "outputs/cat/adam#sgd"], root / "cmp")
     (root / "a_file").write_text("not a folder\n")
     return root
@@ -164,7 +169,7 @@ CASES: list[tuple[str, str, Setup]] = [
         "graft-grid",
         "overrides as one string",
         lambda c: (
-            [c.variant("overrides: [trainer.max_steps=2,", "overrides: trainer.max_steps=2\nx: [")],
+            [c.experiment(CAT.replace(OVERRIDES, "overrides: trainer.max_steps=2\n"))],
             "overrides: 'trainer.max_steps=2'",
         ),
     ),
@@ -205,7 +210,7 @@ CASES: list[tuple[str, str, Setup]] = [
             "optimizers.lamb",
         ),
     ),
-    ("graft-grid", "misspelt key", lambda c: ([c.variant("seeds:", "seed:")], "'seed'")),
+    ("graft-grid", "misspelt key", lambda c: ([c.variant("seeds:", "seed:")], "seed: unknown key")),
     (
         "graft-table",
         "magnitude as a scalar",
@@ -298,6 +303,22 @@ CASES: list[tuple[str, str, Setup]] = [
         lambda c: (
             c.outputs_in(c.root / "a_file") or ["cat.yaml"],
             "a_file is a file",
+        ),
+    ),
+    (
+        "graft-grid",
+        "results holding more runs than the grid has",
+        lambda c: (
+            c.results_holding({"provenance.json": provenance(5)}) or ["cat.yaml"],
+            "holds 5 finished runs",
+        ),
+    ),
+    (
+        "graft-grid",
+        "untuned grid over tuned results",
+        lambda c: (
+            c.results_holding({"provenance.json": provenance(1, tuned=True)}) or ["cat.yaml"],
+            "holds tuned results",
         ),
     ),
     # --- graft-table: no runs, fewer runs, the other kind
@@ -514,3 +535,37 @@ def test_graft_static_into_a_read_only_folder(context, capsys):
 def test_the_catalogue_is_large_and_every_case_distinct():
     names = [(program, name) for program, name, _ in CASES]
     assert len(set(names)) == len(names) and len(CASES) + 4 >= 35
+
+
+# The other side of the refusals: what --force and a fresh folder allow.
+
+
+def test_graft_table_force_replaces_a_folder_of_more_runs(context, monkeypatch, capsys):
+    context.results_holding({"table.md": "# cat\n", "provenance.json": provenance(3)})
+    monkeypatch.setattr(sys, "argv", ["graft-table", "cat.yaml", "--force"])
+    table.main()
+    written = json.loads((context.tmp / "results/cat/provenance.json").read_text())
+    assert len(written["runs"]) == 2 and written["tuned"] is False
+    assert "| **adam** |" in capsys.readouterr().out
+    assert sorted(path.name for path in (context.tmp / "results").iterdir()) == ["cat"]
+
+
+def test_graft_table_writes_the_same_count_again_without_force(context, monkeypatch):
+    shutil.copytree(context.root / "results", context.tmp / "results")
+    context.results_in(context.tmp / "results")
+    monkeypatch.setattr(sys, "argv", ["graft-table", "cat.yaml"])
+    table.main()
+    assert (context.tmp / "results/cat/table.md").read_text() == (
+        context.root / "results/cat/table.md"
+    ).read_text()
+
+
+def test_graft_compare_force_replaces_an_earlier_comparison(context, monkeypatch):
+    shutil.copytree(context.root / "cmp", context.tmp / "cmp")
+    out = context.tmp / "cmp"
+    monkeypatch.setattr(
+        sys, "argv", ["graft-compare", "outputs/cat/adam#adam", "--out", str(out), "--force"]
+    )
+    compare.main()
+    assert "| adam#adam | 1 |" in (out / "compare.md").read_text()
+    assert sorted(path.name for path in out.iterdir()) == ["compare.md", "compare.png"]

@@ -20,9 +20,10 @@ from graft.cli_parser import Parser
 from graft.grid import publish
 from graft.grid.experiment import Bad, Experiment, load_experiment, override
 from graft.grid.launch import multirun
-from graft.grid.publish import check_writable, results_folder, write_files
+from graft.grid.publish import check_writable, refuse_to_shrink, results_folder, write_files
 from graft.grid.table import Written, write_results
 from graft.grid.tune import run_tuning, tune_block
+from graft.train.checkpoints import write_atomically
 from graft.train.cli import check_overrides
 from graft.train.config import flatten
 from graft.train.errors import EXIT_RUN_FAILED, UserError, exit_with
@@ -121,7 +122,12 @@ def run_grid(
     )
     sweep_dir = outputs / experiment.name
     check_writable(sweep_dir, "run folder")
-    check_writable(results_folder(results_root, experiment.name, tune), "results folder")
+    results = results_folder(results_root, experiment.name, tune)
+    check_writable(results, "results folder")
+    if not experiment.study:  # refused even if every run finishes: say so before running them
+        total = len(experiment.cells()) * len(experiment.seeds)
+        redo = f"graft-grid {experiment.name}{' --tune' if tune else ''}"
+        refuse_to_shrink(results, total, total, tuned=tune, force=force, redo=redo)
     refuse_another_version(experiment, extra, sweep_dir)
     tuning = None
     if tune:
@@ -181,7 +187,7 @@ def refuse_another_version(experiment: Experiment, extra: list[str], sweep_dir: 
             )
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(current), recorded)
+    write_atomically(recorded, lambda path: OmegaConf.save(OmegaConf.create(current), path))
 
 
 if __name__ == "__main__":
