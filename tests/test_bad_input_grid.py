@@ -121,6 +121,7 @@ CASES: list[tuple[str, str, Setup]] = [
     ("graft-table", "no experiment", lambda c: ([], "experiment")),
     ("graft-table", "two experiments", lambda c: (["cat.yaml", "tiny_bert"], "tiny_bert")),
     ("graft-table", "unknown experiment", lambda c: (["no_such"], "'no_such'")),
+    ("graft-table", "a study, not a grid", lambda c: (["digits_static"], "static study")),
     ("graft-table", "unknown option", lambda c: (["cat.yaml", "--tune"], "--tune")),
     # --- overrides
     (

@@ -35,7 +35,7 @@ DEFAULT_EXPERIMENT = "digits_resnet"
 def main() -> None:
     parser = Parser(
         prog="graft-grid",
-        description=__doc__.splitlines()[0],
+        description=" ".join(__doc__.split("\n\n")[0].split()),
         epilog="e.g. graft-grid digits_resnet trainer.max_steps=5 --tune",
     )
     parser.add_argument(

@@ -483,7 +483,7 @@ def write_provenance(
 
 
 def main() -> None:
-    parser = Parser(prog="graft-table", description=__doc__.splitlines()[0])
+    parser = Parser(prog="graft-table", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("experiment", help="a name in experiments/ or a path to its YAML")
     parser.add_argument(
         "--tuned",
@@ -499,6 +499,11 @@ def main() -> None:
     args = parser.parse_args()
     try:
         experiment = load_experiment(args.experiment)
+        if experiment.study:
+            raise UserError(
+                f"{experiment.name} is a {experiment.study['kind']} study, not a grid: its table "
+                f"comes from graft-grid {experiment.name} (finished runs are skipped)"
+            )
         sweep_dir = publish.OUTPUTS / experiment.name
         if args.tuned:
             sweep_dir = sweep_dir / "tuned"
