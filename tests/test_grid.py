@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from graft.grid import publish
 from graft.grid.compare import compare
 from graft.grid.experiment import available, load_experiment
+from graft.grid.run import main as run_main
 from graft.grid.run import run_grid
 from graft.grid.table import Cell, closer_to
-from graft.train.errors import UserError
+from graft.train.errors import EXIT_RUN_FAILED, UserError
 
 TINY_EXPERIMENT = """
 name: tiny
@@ -44,8 +46,9 @@ def write_experiment(folder: Path, sgd_lr: float = 0.05) -> Path:
 def grid(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("grid")
     experiment = load_experiment(str(write_experiment(folder)))
-    results = run_grid(experiment, [], outputs=folder / "outputs", results_root=folder / "results")
-    return folder, results
+    written = run_grid(experiment, [], outputs=folder / "outputs", results_root=folder / "results")
+    assert (written.finished, written.total, written.failures) == (8, 8, [])
+    return folder, written.folder
 
 
 def test_every_cell_and_seed_runs_in_its_stable_folder(grid):
@@ -66,6 +69,7 @@ def test_the_table_has_every_cell_mean_and_spread_and_the_closer_to_note(grid):
     folder, results = grid
     table = (results / "table.md").read_text()
     assert "| M \\ D | sgd | adam |" in table and "(paper 0.5)" in table
+    assert table.splitlines()[2].startswith("**Untuned**: the learning rates are the experiment")
     rows = [line for line in table.splitlines() if line.startswith("| **")]
     assert sum(row.count(" ± ") for row in rows) == 8  # 4 cells x 2 metrics, 2 seeds each
     assert "- sgd#adam: " in table and "- adam#sgd: " in table
@@ -89,6 +93,7 @@ def test_the_table_has_every_cell_mean_and_spread_and_the_closer_to_note(grid):
         assert (results / image).read_bytes()[:4] == b"\x89PNG"
     provenance = json.loads((results / "provenance.json").read_text())
     assert len(provenance["runs"]) == 8 and provenance["experiment"]["name"] == "tiny"
+    assert provenance["tuned"] is False and results.name == "tiny"
 
 
 def test_graft_compare_writes_metrics_and_curves(grid):
@@ -105,7 +110,7 @@ def test_graft_compare_writes_metrics_and_curves(grid):
 
 def test_closer_to_calls_each_cell_and_ties_within_the_seed_spread():
     def cell(m, d, *values):
-        return Cell({"loss": list(values)}, [], [], m, d)
+        return Cell({"loss": list(values)}, [], [], len(values), m, d)
 
     cells = [
         cell("a", "a", 1.0, 1.0),
@@ -144,13 +149,28 @@ def test_another_version_of_the_experiment_is_refused(grid):
         run_grid(experiment, [], outputs=folder / "outputs", results_root=folder / "results")
 
 
-def test_a_failing_cell_is_recorded_and_the_others_still_run(tmp_path):
-    experiment = load_experiment(str(write_experiment(tmp_path, sgd_lr=1e30)))
-    results = run_grid(
-        experiment, ["graft=off"], outputs=tmp_path / "outputs", results_root=tmp_path / "results"
+def test_a_failing_cell_is_recorded_the_others_still_run_and_graft_grid_exits_1(
+    tmp_path, monkeypatch, capsys
+):
+    write_experiment(tmp_path, sgd_lr=1e30)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(publish, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sys, "argv", ["graft-grid", "tiny.yaml", "graft=off"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main()
+    assert exit_info.value.code == EXIT_RUN_FAILED
+    table = (tmp_path / "results/tiny/table.md").read_text()
+    # sgd as magnitude diverges: the cell says which seeds, the section below says why and where
+    assert "| **sgd** | failed (seed 0, 1) | failed (seed 0, 1) |" in table
+    failed = table.split("## Failed runs")[1]
+    assert "- sgd#sgd seed 0: non-finite training loss at step" in failed
+    assert f"({Path('outputs/tiny/sgd#sgd/seed0')}" in failed
+    assert failed.count("\n- ") == 4
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert stderr[-1] == (
+        "graft-grid: 4 of 8 runs did not finish; why: 'Failed runs' in "
+        f"{tmp_path / 'results/tiny/table.md'}"
     )
-    table = (results / "table.md").read_text()
-    assert "failed: seed 0: non-finite training loss at step" in table  # sgd as magnitude
     adam = json.loads((tmp_path / "outputs/tiny/adam#sgd/seed0/summary.json").read_text())
     assert adam["status"] == "finished"
 
@@ -168,8 +188,17 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
         outputs=tmp_path / "outputs",
         results_root=tmp_path / "results",
         tune=True,
+    ).folder
+    # Tuned results have their own folder, say so at the top, and keep the tuning table.
+    assert results == tmp_path / "results/tiny-tuned"
+    assert not (tmp_path / "results/tiny").exists()
+    assert (
+        "**Tuned**: each optimizer's learning rate was chosen by `graft-grid --tune`"
+        in (results / "table.md").read_text().splitlines()[2]
     )
+    assert json.loads((results / "provenance.json").read_text())["tuned"] is True
     tuning = (results / "tuning.md").read_text()
+    assert (tmp_path / "outputs/tiny/tuning/tuning.md").read_text() == tuning
     chosen = {
         row.split("|")[1].strip(): float(row.split("|")[2])
         for row in tuning.splitlines()
@@ -257,5 +286,7 @@ def test_a_learning_rate_left_null_must_be_set_before_running(tmp_path):
 def test_an_unknown_optimizer_in_a_grid_is_named(tmp_path):
     path = write_experiment(tmp_path)
     path.write_text(path.read_text().replace("magnitude: [sgd, adam]", "magnitude: [sgd, adamx]"))
-    with pytest.raises(UserError, match="unknown optimizer 'adamx'; allowed: adagrad, adam"):
+    with pytest.raises(
+        UserError, match="grid.magnitude: unknown optimizer 'adamx'; allowed: adagrad, adam"
+    ):
         load_experiment(str(path))

@@ -4,14 +4,17 @@ static correction, tuning transfer, schedule trend; and the trend fit on known c
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from graft.grid import publish
 from graft.grid.experiment import load_experiment
+from graft.grid.run import main as grid_main
 from graft.grid.run import run_grid
-from graft.train.errors import UserError
+from graft.train.errors import EXIT_RUN_FAILED, UserError
 from graft.transfer.recorded import Recorded
 from graft.transfer.trend import fit_trend
 
@@ -35,7 +38,7 @@ def run_study(folder: Path, name: str, study: str, m: str = "adam", d: str = "sg
     path.write_text(STUDY.format(name=name, m=m, d=d, study=study))
     return run_grid(
         load_experiment(str(path)), [], outputs=folder / "outputs", results_root=folder / "results"
-    )
+    ).folder
 
 
 def summary(folder: Path, name: str, arm: str) -> dict:
@@ -117,12 +120,12 @@ def test_the_trend_divides_out_the_runs_schedule():
 @pytest.mark.parametrize(
     ("study", "grid", "message"),
     [
-        ("{kind: sometimes}", "[adam]", "study.kind 'sometimes' is unknown; allowed: static"),
-        ("{kind: static, lrs: [1]}", "[adam]", "study option 'lrs' does not apply to static"),
-        ("{kind: tuning_transfer}", "[adam]", "needs lrs: \\[the direction's learning rates"),
+        ("{kind: sometimes}", "[adam]", "study.kind: 'sometimes' is unknown; allowed: static"),
+        ("{kind: static, lrs: [1]}", "[adam]", "study.lrs: option 'lrs' does not apply to static"),
+        ("{kind: tuning_transfer}", "[adam]", "study.lrs: .*needs lrs: \\[the direction's"),
         ("{kind: static}", "[adam, sgd]", "grid needs one magnitude and one direction"),
-        ("{kind: static, window: 10:20}", "[adam]", "study.window 620 is not 'START:END'"),
-        ("{kind: static, reduce: max}", "[adam]", "study.reduce 'max' is unknown"),
+        ("{kind: static, window: 10:20}", "[adam]", "study.window: 620 is not 'START:END'"),
+        ("{kind: static, reduce: max}", "[adam]", "study.reduce: 'max' is unknown"),
     ],
 )
 def test_a_bad_study_block_is_named(tmp_path, study, grid, message):
@@ -132,3 +135,29 @@ def test_a_bad_study_block_is_named(tmp_path, study, grid, message):
     )
     with pytest.raises(UserError, match=message):
         load_experiment(str(path))
+
+
+def test_a_study_whose_grafted_run_fails_still_writes_its_table_and_exits_1(
+    tmp_path, monkeypatch, capsys
+):
+    """sgd at lr 1e30 diverges, alone and as sgd#adam's magnitude: there are no multipliers to
+    derive, so adam+static cannot run; the table says so, and graft-grid exits 1."""
+    (tmp_path / "div.yaml").write_text(
+        STUDY.format(name="div", m="sgd", d="adam", study="{kind: static}").replace(
+            "lr: 0.05", "lr: 1.0e+30"
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(publish, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sys, "argv", ["graft-grid", "div.yaml"])
+    with pytest.raises(SystemExit) as exit_info:
+        grid_main()
+    assert exit_info.value.code == EXIT_RUN_FAILED
+    table = (tmp_path / "results/div/table.md").read_text()
+    assert "No multipliers: the grafted run they derive from did not finish." in table
+    assert "| adam+static | failed (seed 0) | failed (seed 0) |" in table
+    failed = table.split("## Failed runs")[1]
+    assert "- sgd#adam seed 0: non-finite training loss at step" in failed
+    assert "- adam+static seed 0: not run: sgd#adam seed 0 did not finish" in failed
+    assert "| adam | " in table and summary(tmp_path, "div", "adam")["status"] == "finished"
+    assert "3 of 4 runs did not finish" in capsys.readouterr().err

@@ -15,35 +15,31 @@ An experiment (`experiments/<name>.yaml`) holds:
     study:       optional: instead of the grid's table, a study of its one M#D pair
                  (graft/transfer/studies.py): {kind: static, window, reduce},
                  {kind: tuning_transfer, lrs: [D's learning rates]} or {kind: schedule_trend}
+
+Every key is checked when the file loads, in one place (SCHEMA: each key's shape; then `check`:
+what the names refer to), so a mistake is one line naming the file, the key and the value,
+before anything runs.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from graft.train.config import cell_name, group_options
+from graft.train.config import CONFIGS, cell_name, group_options
 from graft.train.errors import UserError
 from graft.transfer.static import REDUCTIONS
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-KEYS = (
-    "name",
-    "description",
-    "task",
-    "grid",
-    "seeds",
-    "optimizers",
-    "overrides",
-    "metrics",
-    "reference",
-    "tune",
-    "study",
-)
+TUNED_SUFFIX = "-tuned"  # results/<name>-tuned/: a tuned grid's (graft/grid/publish.py)
 
 # Study kinds and the options each takes (graft/transfer/studies.py).
 STUDY_OPTIONS = {
@@ -101,11 +97,200 @@ def available() -> list[str]:
     return sorted(path.stem for path in EXPERIMENTS.glob("*.yaml"))
 
 
+# --- the shape of each key --------------------------------------------------------------------
+
+
+class Bad(Exception):
+    """A value of the wrong shape: its key (dotted) and what is wrong, naming the value."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{key}: {shown(value)} is not {allowed}")
+
+
+class Misplaced(Bad):
+    """A key that is missing, or one that configures nothing."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        Exception.__init__(self, f"{key}: {problem}")
+
+
+Check = Callable[[Any, str], None]  # raises Bad for (value, key)
+
+
+def shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def kind(test: Callable[[Any], bool], allowed: str) -> Check:
+    def check(value: Any, key: str) -> None:
+        if not test(value):
+            raise Bad(key, value, allowed)
+
+    return check
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+TEXT = kind(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
+ANY_TEXT = kind(lambda v: isinstance(v, str), "a string")
+SEED = kind(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
+NUMBER = kind(is_number, "a finite number")
+POSITIVE = kind(lambda v: is_number(v) and v > 0, "a number > 0")
+SCALAR = kind(
+    lambda v: v is None or isinstance(v, str | bool) or is_number(v), "a number, string or bool"
+)
+NAME = kind(
+    lambda v: (
+        isinstance(v, str)
+        and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) is not None
+        and not v.endswith(TUNED_SUFFIX)
+    ),
+    f"a folder name (letters, digits, _ . -) not ending in {TUNED_SUFFIX!r}",
+)
+
+
+def setting(value: Any, key: str) -> None:
+    """An optimizer hyperparameter: a scalar, or a list of scalars (betas: [0.9, 0.999])."""
+    for item in value if isinstance(value, list) else [value]:
+        SCALAR(item, key)
+
+
+def list_of(item: Check, example: str, *, empty: bool = False) -> Check:
+    """A YAML list of distinct items, each passing `item`; non-empty unless `empty`."""
+
+    def check(value: Any, key: str) -> None:
+        if not isinstance(value, list) or (not value and not empty):
+            raise Bad(key, value, f"a{'' if empty else ' non-empty'} list, e.g. {example}")
+        for index, element in enumerate(value):
+            item(element, f"{key}[{index}]")
+        repeated = [element for index, element in enumerate(value) if element in value[:index]]
+        if repeated:
+            raise Bad(key, value, f"a list without repeats ({shown(repeated[0])} is twice)")
+
+    return check
+
+
+def mapping_of(entry: Check, example: str) -> Check:
+    """A YAML mapping with string keys, each value passing `entry`."""
+
+    def check(value: Any, key: str) -> None:
+        if not isinstance(value, Mapping):
+            raise Bad(key, value, f"a mapping, e.g. {example}")
+        for name, element in value.items():
+            if not isinstance(name, str):
+                raise Bad(f"{key}.{name}", name, "a string key")
+            entry(element, f"{key}.{name}")
+
+    return check
+
+
+def fields(schema: Mapping[str, Check], required: tuple[str, ...] = ()) -> Check:
+    """A YAML mapping of exactly these keys (a null value counts as absent where optional)."""
+
+    def check(value: Any, key: str) -> None:
+        where = f"{key}." if key else ""
+        if not isinstance(value, Mapping):
+            raise Bad(key or "the file", value, f"a mapping of {', '.join(schema)}")
+        for name, element in value.items():  # a misspelt key first: it explains a missing one
+            if name not in schema:
+                raise Misplaced(
+                    f"{where}{name}",
+                    f"unknown key (value {shown(element)}); allowed: {', '.join(schema)}",
+                )
+        for name in required:
+            if value.get(name) is None:
+                raise Misplaced(f"{where}{name}", f"missing; e.g. {EXAMPLES[name]}")
+        for name, element in value.items():
+            if element is not None or name in required:
+                schema[name](element, f"{where}{name}")
+
+    return check
+
+
+def optional_window(value: Any, key: str) -> None:
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"\d*:\d*", value)):
+        raise Bad(
+            key,
+            value,
+            "'START:END' in steps, quoted (YAML reads 10:20 unquoted as a number), or null for "
+            "the default",
+        )
+
+
+def override(value: Any, key: str) -> None:
+    """A Hydra override: parsed here so a typo names the file, not just the command."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    TEXT(value, key)
+    try:
+        OverridesParser.create().parse_overrides([value])
+    except HydraException:
+        raise Bad(key, value, "a Hydra override key=value, e.g. trainer.max_steps=100") from None
+
+
+OPTIMIZERS = list_of(TEXT, "[sgd, adam]")
+EXAMPLES = {
+    "name": "name: my_grid",
+    "task": "task: digits_resnet",
+    "grid": "grid: {magnitude: [sgd, adam], direction: [sgd, adam]}",
+    "magnitude": "magnitude: [sgd, adam]",
+    "direction": "direction: [sgd, adam]",
+    "seeds": "seeds: [0, 1, 2]",
+    "metrics": "metrics: [eval/top1]",
+    "lr": "lr: {sgd: [0.01, 0.1]}",
+    "kind": f"kind: one of {', '.join(STUDY_OPTIONS)}",
+}
+SCHEMA = fields(
+    {
+        "name": NAME,
+        "description": ANY_TEXT,
+        "task": TEXT,
+        "grid": fields(
+            {"magnitude": OPTIMIZERS, "direction": OPTIMIZERS}, ("magnitude", "direction")
+        ),
+        "seeds": list_of(SEED, "[0, 1, 2]"),
+        "optimizers": mapping_of(
+            mapping_of(setting, "{lr: 0.1, momentum: 0.9}"), "{sgd: {lr: 0.1}}"
+        ),
+        "overrides": list_of(override, "[trainer.max_steps=100]", empty=True),
+        "metrics": list_of(TEXT, "[eval/top1, eval/loss]"),
+        "reference": mapping_of(mapping_of(NUMBER, "{eval/top1: 0.76}"), '{"adam#sgd": {...}}'),
+        "tune": fields(
+            {
+                "lr": mapping_of(list_of(POSITIVE, "[0.01, 0.1]"), "{sgd: [0.01, 0.1]}"),
+                "seeds": list_of(SEED, "[0]"),
+                "metric": TEXT,
+                "overrides": list_of(override, "[trainer.max_steps=100]", empty=True),
+            },
+            ("lr",),
+        ),
+        "study": fields(
+            {
+                "kind": TEXT,
+                "window": optional_window,
+                "reduce": TEXT,
+                "lrs": list_of(POSITIVE, "[0.01, 0.1]"),
+            },
+            ("kind",),
+        ),
+    },
+    ("name", "task", "grid", "seeds", "metrics"),
+)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
 def load_experiment(name_or_path: str) -> Experiment:
     """The experiment by name (experiments/<name>.yaml) or by path, checked.
 
-    Raises UserError (one line) for an unknown experiment, a missing or unknown key, an
-    optimizer or task that does not exist, or values of the wrong shape.
+    Raises UserError (one line naming the file, the key and the value) for an unknown
+    experiment, a file that is not YAML, a missing or unknown key, a value of the wrong shape,
+    or an optimizer, task, cell or metric that does not exist.
     """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
@@ -115,24 +300,26 @@ def load_experiment(name_or_path: str) -> Experiment:
             f"unknown experiment {name_or_path!r}; available: {', '.join(available())} "
             "(or a path to an experiment YAML)"
         )
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: an experiment is a mapping of {', '.join(KEYS)}")
-    unknown = sorted(set(raw) - set(KEYS))
-    missing = [key for key in ("name", "task", "grid", "seeds", "metrics") if key not in raw]
-    if unknown or missing:
-        problem = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
-        raise UserError(f"{path}: {problem}; keys: {', '.join(KEYS)}")
-    grid = raw["grid"] or {}
+    raw = read(path)
+    if raw is None or raw == {}:
+        raise UserError(
+            f"{path}: the file is empty; an experiment needs name, task, grid, seeds and "
+            "metrics (e.g. experiments/digits_resnet.yaml)"
+        )
+    try:
+        SCHEMA(raw, "")
+    except Bad as bad:
+        raise UserError(f"{path}: {bad}") from None
+    grid = raw["grid"]
     experiment = Experiment(
-        name=str(raw["name"]),
-        description=str(raw.get("description", "")),
-        task=str(raw["task"]),
-        magnitudes=list(grid.get("magnitude") or []),
-        directions=list(grid.get("direction") or []),
-        seeds=list(raw["seeds"] or []),
-        metrics=list(raw["metrics"] or []),
-        optimizers=dict(raw.get("optimizers") or {}),
+        name=raw["name"],
+        description=raw.get("description") or "",
+        task=raw["task"],
+        magnitudes=list(grid["magnitude"]),
+        directions=list(grid["direction"]),
+        seeds=list(raw["seeds"]),
+        metrics=list(raw["metrics"]),
+        optimizers={name: dict(s or {}) for name, s in (raw.get("optimizers") or {}).items()},
         overrides=list(raw.get("overrides") or []),
         reference=dict(raw.get("reference") or {}),
         tune=dict(raw.get("tune") or {}),
@@ -143,58 +330,107 @@ def load_experiment(name_or_path: str) -> Experiment:
     return experiment
 
 
+def read(path: Path) -> Any:
+    """The file's YAML as plain Python; UserError (one line, with the line number) if it is not
+    readable YAML."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
+    except OmegaConfBaseException as error:
+        raise UserError(f"{path}: {str(error).strip().splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot be read ({error})") from None
+
+
+# --- what the names refer to -------------------------------------------------------------------
+
+
 def check(experiment: Experiment, path: Path) -> None:
+    """The names exist: task, optimizers and their settings, reference cells and metrics,
+    tuned optimizers, the study's kind and options."""
     optimizers, tasks = group_options("optim@magnitude"), group_options("task")
     if experiment.task not in tasks:
-        raise UserError(f"{path}: unknown task {experiment.task!r}; allowed: {', '.join(tasks)}")
-    if not experiment.magnitudes or not experiment.directions:
-        raise UserError(f"{path}: grid needs non-empty magnitude: [...] and direction: [...]")
-    for name in [*experiment.magnitudes, *experiment.directions, *experiment.optimizers]:
-        if name not in optimizers:
+        raise UserError(
+            f"{path}: task: {experiment.task!r} is unknown; allowed: {', '.join(tasks)} "
+            "(configs/task/)"
+        )
+    in_grid = [*experiment.magnitudes, *experiment.directions]
+    for key, names in (
+        ("grid.magnitude", experiment.magnitudes),
+        ("grid.direction", experiment.directions),
+        ("optimizers", experiment.optimizers),
+    ):
+        for name in names:
+            if name not in optimizers:
+                raise UserError(
+                    f"{path}: {key}: unknown optimizer {name!r}; allowed: "
+                    f"{', '.join(optimizers)} (configs/optim/)"
+                )
+    for name, settings in experiment.optimizers.items():
+        if name not in in_grid:
             raise UserError(
-                f"{path}: unknown optimizer {name!r}; allowed: {', '.join(optimizers)} "
-                "(configs/optim/)"
+                f"{path}: optimizers.{name}: {name!r} is not in the grid "
+                f"({', '.join(dict.fromkeys(in_grid))}); its settings would apply to nothing"
             )
-    if not experiment.seeds or not all(isinstance(s, int) and s >= 0 for s in experiment.seeds):
-        raise UserError(f"{path}: seeds must be a non-empty list of integers >= 0")
-    if not experiment.metrics:
-        raise UserError(f"{path}: metrics needs at least one summary key, e.g. eval/top1")
+        known = [key for key in OmegaConf.load(CONFIGS / "optim" / f"{name}.yaml") if key != "name"]
+        for key in settings:
+            if key not in known:
+                raise UserError(
+                    f"{path}: optimizers.{name}.{key}: {name} has no setting {key!r}; allowed: "
+                    f"{', '.join(known)} (configs/optim/{name}.yaml)"
+                )
+    cells = experiment.cell_names()
+    for cell, values in experiment.reference.items():
+        if cell not in cells:
+            raise UserError(
+                f"{path}: reference.{cell}: {cell!r} is not a cell of the grid; cells: "
+                f"{', '.join(cells)}"
+            )
+        for metric in values:
+            if metric not in experiment.metrics:
+                raise UserError(
+                    f"{path}: reference.{cell}.{metric}: {metric!r} is not in metrics "
+                    f"({', '.join(experiment.metrics)}); it would be shown nowhere"
+                )
+    for name in experiment.tune.get("lr", {}):
+        if name not in in_grid:
+            raise UserError(
+                f"{path}: tune.lr.{name}: {name!r} is not in the grid "
+                f"({', '.join(dict.fromkeys(in_grid))})"
+            )
     if experiment.study:
         check_study(experiment, path)
-    cells = set(experiment.cell_names())
-    for cell in experiment.reference:
-        if cell not in cells:
-            raise UserError(f"{path}: reference cell {cell!r} is not in the grid")
 
 
 def check_study(experiment: Experiment, path: Path) -> None:
-    kind = experiment.study.get("kind")
+    kind = experiment.study["kind"]
     if kind not in STUDY_OPTIONS:
         raise UserError(
-            f"{path}: study.kind {kind!r} is unknown; allowed: {', '.join(STUDY_OPTIONS)}"
+            f"{path}: study.kind: {kind!r} is unknown; allowed: {', '.join(STUDY_OPTIONS)}"
         )
     unknown = sorted(set(experiment.study) - {"kind", *STUDY_OPTIONS[kind]})
     if unknown:
         allowed = ", ".join(STUDY_OPTIONS[kind]) or "none"
         raise UserError(
-            f"{path}: study option {unknown[0]!r} does not apply to {kind}; allowed: {allowed}"
+            f"{path}: study.{unknown[0]}: option {unknown[0]!r} does not apply to {kind}; "
+            f"allowed: {allowed}"
         )
     if len(experiment.magnitudes) != 1 or len(experiment.directions) != 1:
         raise UserError(
-            f"{path}: a {kind} study is of one pair: grid needs one magnitude and one direction"
+            f"{path}: grid: a {kind} study is of one pair: grid needs one magnitude and one "
+            f"direction, not {experiment.magnitudes} x {experiment.directions}"
         )
-    window = experiment.study.get("window")
-    if window is not None and not (isinstance(window, str) and re.fullmatch(r"\d*:\d*", window)):
+    reduce = experiment.study.get("reduce", "median")
+    if reduce not in REDUCTIONS:
         raise UserError(
-            f"{path}: study.window {window!r} is not 'START:END' in steps; quote it "
-            "(YAML reads 10:20 unquoted as a number), or null for the default"
-        )
-    if experiment.study.get("reduce", "median") not in REDUCTIONS:
-        raise UserError(
-            f"{path}: study.reduce {experiment.study['reduce']!r} is unknown; allowed: "
-            f"{', '.join(REDUCTIONS)}"
+            f"{path}: study.reduce: {reduce!r} is unknown; allowed: {', '.join(REDUCTIONS)}"
         )
     if kind == "tuning_transfer" and not experiment.study.get("lrs"):
         raise UserError(
-            f"{path}: a tuning_transfer study needs lrs: [the direction's learning rates to sweep]"
+            f"{path}: study.lrs: a tuning_transfer study needs lrs: [the direction's learning "
+            "rates to sweep]"
         )

@@ -1,9 +1,11 @@
-"""`graft-grid [EXPERIMENT] [overrides]`: every M#D cell x seed of an experiment, then its table.
+"""`graft-grid [EXPERIMENT] [OVERRIDE ...] [--tune] [--force]`: every M#D cell x seed of an
+experiment, then its table.
 
 The cells run as one Hydra multirun of graft-train (the basic launcher by default, or
-`hydra/launcher=slurm`), each in `outputs/<experiment>/<M>#<D>/seed<k>/`. The trainer skips
-finished runs and resumes unfinished ones, so rerunning a grid picks up where it stopped; a cell
-that fails is recorded and the others still run.
+`hydra/launcher=slurm`), each in `outputs/<experiment>/<M>#<D>/seed<k>/` (with --tune, in
+`outputs/<experiment>/tuned/`). The trainer skips finished runs and resumes unfinished ones, so
+rerunning a grid picks up where it stopped; a cell that fails is recorded and the others still
+run, and graft-grid then exits with code 1 (2 for a mistake in the command or the experiment).
 """
 
 from __future__ import annotations
@@ -14,48 +16,86 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from graft.grid.experiment import Experiment, load_experiment
+from graft.cli_parser import Parser
+from graft.grid import publish
+from graft.grid.experiment import Bad, Experiment, load_experiment, override
 from graft.grid.launch import multirun
-from graft.grid.table import RESULTS, write_results
+from graft.grid.publish import check_writable, refuse_to_shrink, results_folder, write_files
+from graft.grid.table import Written, write_results
 from graft.grid.tune import run_tuning, tune_block
+from graft.train.checkpoints import write_atomically
 from graft.train.cli import check_overrides
 from graft.train.config import flatten
-from graft.train.errors import UserError, exit_with
+from graft.train.errors import EXIT_RUN_FAILED, UserError, exit_with
 from graft.transfer.studies import run_study
 
 DEFAULT_EXPERIMENT = "digits_resnet"
-OUTPUTS = Path("outputs")
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    tune = "--tune" in args
-    args = [arg for arg in args if arg != "--tune"]
-    named = [arg for arg in args if "=" not in arg and not arg.startswith("-")]
-    overrides = [arg for arg in args if arg not in named]
+    parser = Parser(
+        prog="graft-grid",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        epilog="e.g. graft-grid digits_resnet trainer.max_steps=5 --tune",
+    )
+    parser.add_argument(
+        "arguments",
+        nargs="*",
+        metavar="[EXPERIMENT] [OVERRIDE]",
+        help=f"a name in experiments/ or a path to its YAML (default {DEFAULT_EXPERIMENT}), "
+        "then Hydra overrides for every run (key=value)",
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="first tune each diagonal optimizer's lr (the experiment's tune block); results go "
+        "to results/EXP-tuned/",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a results folder that holds more finished runs (or the other kind)",
+    )
+    args = parser.parse_intermixed_args()
+    named = [arg for arg in args.arguments if "=" not in arg]
+    overrides = [arg for arg in args.arguments if "=" in arg]
     try:
         if len(named) > 1:
-            raise UserError(f"one experiment at a time, got {', '.join(named)}")
+            raise UserError(
+                f"one experiment at a time, got {', '.join(named)} (overrides are key=value)"
+            )
         experiment = load_experiment(named[0] if named else DEFAULT_EXPERIMENT)
-        run_grid(experiment, overrides, tune=tune)
+        written = run_grid(experiment, overrides, tune=args.tune, force=args.force)
     except UserError as error:
         exit_with("graft-grid", error)
+    if written.failures:
+        print(
+            f"graft-grid: {len(written.failures)} of {written.total} runs did not finish; why: "
+            f"'Failed runs' in {written.folder / 'table.md'}",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_RUN_FAILED)
 
 
 def run_grid(
     experiment: Experiment,
     extra: list[str],
-    outputs: Path = OUTPUTS,
-    results_root: Path = RESULTS,
+    outputs: Path | None = None,
+    results_root: Path | None = None,
     *,
     tune: bool = False,
-) -> Path:
+    force: bool = False,
+) -> Written:
     """Run (or resume) every cell x seed of `experiment`; write and print its table. An
     experiment with a study block runs that study instead (graft/transfer/studies.py).
 
     With `tune`, first sweep the diagonal's learning rates (graft/grid/tune.py) and run the
-    grid with the best of each.
+    grid with the best of each; its results go to results/<experiment>-tuned/. Everything that
+    can be checked (the experiment, the overrides, that the output and results folders can be
+    written) is checked before the first run starts.
     """
+    outputs = publish.OUTPUTS if outputs is None else outputs
+    results_root = publish.RESULTS if results_root is None else results_root
     if tune:
         tune_block(experiment)  # a missing or wrong tune block fails before anything runs
     for name, settings in experiment.optimizers.items():
@@ -65,6 +105,14 @@ def run_grid(
                     f"{experiment.source}: optimizers.{name}.{key} is null (not known); set it "
                     "in the experiment file, or give a tune.lr list and pass --tune"
                 )
+    for item in extra:
+        try:
+            override(item, "command line")
+        except Bad:
+            raise UserError(
+                f"{item!r} on the command line is not a Hydra override key=value (e.g. "
+                "trainer.max_steps=100; quote values with brackets or commas)"
+            ) from None
     shared = experiment.shared_overrides(extra)
     magnitude, direction = experiment.cells()[0]
     # One representative cell composes first: a bad override fails here, not in every job.
@@ -73,6 +121,13 @@ def run_grid(
         sweep=True,  # the optimizers table serves every cell
     )
     sweep_dir = outputs / experiment.name
+    check_writable(sweep_dir, "run folder")
+    results = results_folder(results_root, experiment.name, tune)
+    check_writable(results, "results folder")
+    if not experiment.study:  # refused even if every run finishes: say so before running them
+        total = len(experiment.cells()) * len(experiment.seeds)
+        redo = f"graft-grid {experiment.name}{' --tune' if tune else ''}"
+        refuse_to_shrink(results, total, total, tuned=tune, force=force, redo=redo)
     refuse_another_version(experiment, extra, sweep_dir)
     tuning = None
     if tune:
@@ -82,13 +137,14 @@ def run_grid(
             settings.setdefault(name, {})["lr"] = lr
         experiment = dataclasses.replace(experiment, optimizers=settings)
         shared = experiment.shared_overrides(extra)
+        # Beside the tuning runs too: graft-table --tuned puts it in the results again.
+        write_files(sweep_dir / "tuning", {"tuning.md": lambda path: path.write_text(tuning)})
         sweep_dir = sweep_dir / "tuned"
+    publishing = {"tuned": tune, "force": force, "tuning": tuning}
     if experiment.study:
-        results = run_study(experiment, shared, sweep_dir, results_root)
-        if tuning is not None:
-            (results / "tuning.md").write_text(tuning)
-        print((results / "table.md").read_text(), flush=True)
-        return results
+        written = run_study(experiment, shared, sweep_dir, results_root, **publishing)
+        print((written.folder / "table.md").read_text(), flush=True)
+        return written
     cells = len(experiment.cells()) * len(experiment.seeds)
     print(f"graft-grid: {experiment.name}: {cells} runs in {sweep_dir}/", flush=True)
     code = multirun(
@@ -103,13 +159,12 @@ def run_grid(
         "${cell:${magnitude.name},${direction.name},true}/seed${trainer.seed}",
     )
     if code:
-        print(f"graft-grid: some runs failed (exit {code}); see the table")
-    results = write_results(experiment, sweep_dir, results_root)
+        print(f"graft-grid: some runs failed (exit {code}); see the table", flush=True)
+    written = write_results(experiment, sweep_dir, results_root, **publishing)
     if tuning is not None:
-        (results / "tuning.md").write_text(tuning)
         print(tuning, flush=True)
-    print((results / "table.md").read_text(), flush=True)
-    return results
+    print((written.folder / "table.md").read_text(), flush=True)
+    return written
 
 
 def refuse_another_version(experiment: Experiment, extra: list[str], sweep_dir: Path) -> None:
@@ -132,7 +187,7 @@ def refuse_another_version(experiment: Experiment, extra: list[str], sweep_dir: 
             )
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(current), recorded)
+    write_atomically(recorded, lambda path: OmegaConf.save(OmegaConf.create(current), path))
 
 
 if __name__ == "__main__":

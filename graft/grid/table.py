@@ -1,4 +1,9 @@
-"""`graft-table EXPERIMENT`: an experiment's runs gathered into results/<experiment>/.
+"""`graft-table EXPERIMENT [--tuned] [--force]`: an experiment's runs gathered into results.
+
+The untuned runs (outputs/<experiment>/) go to results/<experiment>/, with --tuned the runs
+graft-grid --tune made (outputs/<experiment>/tuned/) to results/<experiment>-tuned/; the
+folder is replaced in one piece, and never by fewer finished runs without --force
+(graft/grid/publish.py).
 
 Written there: table.md (rows M, columns D, mean ± std over seeds, the paper's number beside ours
 where known, and for every off-diagonal cell whether M#D lands closer to M#M or to D#D),
@@ -14,14 +19,17 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from graft.cli_parser import Parser
+from graft.grid import publish
 from graft.grid.experiment import Experiment, load_experiment
+from graft.grid.publish import RESULTS, refuse_to_shrink, replace_folder, results_folder
 from graft.grid.wandb_table import log_table
 from graft.train.config import cell_name
 from graft.train.errors import UserError, exit_with
@@ -29,7 +37,17 @@ from graft.train.metrics import read_metrics
 from graft.train.provenance import git_sha, versions
 from graft.transfer.recorded import implicit_schedules
 
-RESULTS = Path(__file__).resolve().parents[2] / "results"
+
+@dataclass(frozen=True)
+class Failure:
+    """One seed of a setting that did not finish: why, in a few words, and where to read more."""
+
+    seed: int
+    reason: str
+    where: Path  # error.log when the trainer wrote one, else the run folder
+
+    def __str__(self) -> str:
+        return f"seed {self.seed}: {self.reason} ({self.where})"
 
 
 @dataclass
@@ -37,8 +55,9 @@ class Runs:
     """The seeds of one setting (a grid cell, a study's arm): finished metrics, failures."""
 
     values: dict[str, list[float]]  # metric -> one value per finished seed
-    failures: list[str]  # "seed k: why"
+    failures: list[Failure]
     run_dirs: list[Path]  # the finished runs
+    started: int  # how many of the seeds' run folders exist
 
     def mean(self, metric: str) -> float | None:
         values = self.values.get(metric) or []
@@ -50,36 +69,81 @@ class Runs:
         return statistics.stdev(values) if len(values) > 1 else 0.0
 
     def text(self, metric: str, reference: float | None = None) -> str:
+        """The mean ± std; the failed seeds named briefly (their reasons: failure_lines)."""
         values = self.values.get(metric) or []
+        seeds = ", ".join(str(failure.seed) for failure in self.failures)
         if not values:
-            return "failed: " + "; ".join(self.failures) if self.failures else "not run"
+            return f"failed (seed {seeds})" if self.failures else "not run"
         spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
         shown = f"{statistics.fmean(values):.4f}{spread}"
         if reference is not None:
             shown += f" (paper {reference})"
         if self.failures:
-            shown += f" ({len(self.failures)} failed)"
+            shown += f" (seed {seeds} failed)"
         return shown
+
+
+REASON_LENGTH = 100  # characters of a failure's reason in a table; the rest is in error.log
+
+
+def short(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no reason recorded"
+    return line if len(line) <= REASON_LENGTH else line[: REASON_LENGTH - 3] + "..."
+
+
+def failure_of(run_dir: Path, seed: int) -> Failure | None:
+    """None for a finished run; otherwise why it is not, pointing at its error.log (the
+    trainer's full reason, first line first) when there is one."""
+    error_log = run_dir / "error.log"
+    where = error_log if error_log.is_file() else run_dir
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+            status = summary["status"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return Failure(seed, "summary.json is unreadable", summary_path)
+        if status == "finished":
+            return None
+        return Failure(seed, short(str(summary.get("error") or status)), where)
+    if error_log.is_file():
+        try:
+            reason = short(error_log.read_text(errors="replace"))
+        except OSError:
+            reason = "error.log is unreadable"
+        return Failure(seed, reason, error_log)
+    if run_dir.is_dir():
+        return Failure(seed, "did not start or was killed (no summary.json, no error.log)", run_dir)
+    return Failure(seed, "not run (no run folder)", run_dir)
 
 
 def gather_runs(folder: Path, seeds: list[int], metrics: list[str]) -> Runs:
     """The runs folder/seed<k>/ for every seed."""
-    runs = Runs({metric: [] for metric in metrics}, [], [])
+    runs = Runs({metric: [] for metric in metrics}, [], [], 0)
     for seed in seeds:
         run_dir = folder / f"seed{seed}"
-        summary_path = run_dir / "summary.json"
-        if not summary_path.exists():
-            runs.failures.append(f"seed {seed}: no summary.json (see {run_dir}/train.log)")
+        runs.started += run_dir.exists()
+        failure = failure_of(run_dir, seed)
+        if failure is not None:
+            runs.failures.append(failure)
             continue
-        summary = json.loads(summary_path.read_text())
-        if summary["status"] != "finished":
-            runs.failures.append(f"seed {seed}: {summary.get('error', summary['status'])}")
-            continue
+        summary = json.loads((run_dir / "summary.json").read_text())
         runs.run_dirs.append(run_dir)
         for metric in metrics:
             if metric in summary:
                 runs.values[metric].append(summary[metric])
     return runs
+
+
+def failure_lines(named: Mapping[str, Runs]) -> list[str]:
+    """A "Failed runs" section: every failed seed of every setting, with where its full
+    reason is; nothing when all finished."""
+    lines = [
+        f"- {name} seed {failure.seed}: {failure.reason} ({failure.where})"
+        for name, runs in named.items()
+        for failure in runs.failures
+    ]
+    return ["\n## Failed runs\n", *lines] if lines else []
 
 
 @dataclass
@@ -99,7 +163,9 @@ def gather(experiment: Experiment, sweep_dir: Path) -> list[Cell]:
     for magnitude, direction in experiment.cells():
         folder = sweep_dir / cell_name(magnitude, direction, True)
         runs = gather_runs(folder, experiment.seeds, experiment.metrics)
-        cells.append(Cell(runs.values, runs.failures, runs.run_dirs, magnitude, direction))
+        cells.append(
+            Cell(runs.values, runs.failures, runs.run_dirs, runs.started, magnitude, direction)
+        )
     return cells
 
 
@@ -140,9 +206,27 @@ def closer_to(cells: list[Cell], metric: str) -> list[str]:
     ]
 
 
-def markdown(experiment: Experiment, cells: list[Cell]) -> str:
+def learning_rates_line(experiment: Experiment, tuned: bool) -> str:
+    """The line under a table's title saying where its learning rates come from."""
+    if tuned:
+        return (
+            "**Tuned**: each optimizer's learning rate was chosen by `graft-grid --tune` "
+            "(see tuning.md); the other settings are the experiment file's.\n"
+        )
+    source = experiment.source.name if experiment.source else "the experiment file"
+    return (
+        f"**Untuned**: the learning rates are the experiment file's ({source}), not chosen by "
+        "`graft-grid --tune`.\n"
+    )
+
+
+def markdown(experiment: Experiment, cells: list[Cell], tuned: bool = False) -> str:
     by_name = {cell.name: cell for cell in cells}
-    parts = [f"# {experiment.name}\n", experiment.description.strip() + "\n"]
+    parts = [
+        f"# {experiment.name}\n",
+        learning_rates_line(experiment, tuned),
+        experiment.description.strip() + "\n",
+    ]
     parts.append(
         "The diagonal M#M is plain M. Under each table: does M#D land closer to the "
         "magnitude's own result (M#M) or to the direction's (D#D)? The paper's claim: the "
@@ -163,6 +247,7 @@ def markdown(experiment: Experiment, cells: list[Cell]) -> str:
             parts.append(f"| **{m}** | " + " | ".join(row) + " |")
         parts.append("")
         parts.extend(closer_to(cells, metric))
+    parts.extend(failure_lines({cell.name: cell for cell in cells}))
     return "\n".join(parts) + "\n"
 
 
@@ -312,27 +397,77 @@ def chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[index : index + size] for index in range(0, len(items), size)]
 
 
-def write_results(experiment: Experiment, sweep_dir: Path, results_root: Path = RESULTS) -> Path:
-    """Gather the runs under sweep_dir and write results/<experiment>/; its path."""
+@dataclass
+class Written:
+    """A results folder as written: how many runs finished, of how many, and which failed."""
+
+    folder: Path
+    finished: int
+    total: int
+    failures: list[str]  # "M#D seed k: reason (where)"
+
+
+def write_results(
+    experiment: Experiment,
+    sweep_dir: Path,
+    results_root: Path = RESULTS,
+    *,
+    tuned: bool = False,
+    force: bool = False,
+    tuning: str | None = None,
+) -> Written:
+    """Gather the runs under sweep_dir and write results/<experiment>/ (or -tuned/) in one
+    piece (graft/grid/publish.py). UserError when none of the runs exists, or when the folder
+    holds more finished runs than these (or the other kind) and not `force`. `tuning`: the
+    tuning.md text (else the one graft-grid --tune left beside the tuned runs, else the old
+    folder's)."""
     cells = gather(experiment, sweep_dir)
-    results = results_root / experiment.name
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "table.md").write_text(markdown(experiment, cells))
-    write_csv(results / "table.csv", experiment, cells)
-    (results / "table.tex").write_text(latex(experiment, cells))
-    plots(results, experiment, cells)
-    schedule_plot(results, experiment, cells)
+    command = f"graft-table {experiment.name}" + (" --tuned" if tuned else "")
+    if not any(cell.started for cell in cells):
+        raise UserError(no_runs(experiment, sweep_dir, tuned))
+    results = results_folder(results_root, experiment.name, tuned)
     runs = [run_dir for cell in cells for run_dir in cell.run_dirs]
-    write_provenance(results, experiment, runs)
+    total = len(cells) * len(experiment.seeds)
+    refuse_to_shrink(results, len(runs), total, tuned=tuned, force=force, redo=command)
+    if tuned and tuning is None and (sweep_dir.parent / "tuning" / "tuning.md").is_file():
+        tuning = (sweep_dir.parent / "tuning" / "tuning.md").read_text()
+
+    def build(folder: Path) -> None:
+        (folder / "table.md").write_text(markdown(experiment, cells, tuned))
+        write_csv(folder / "table.csv", experiment, cells)
+        (folder / "table.tex").write_text(latex(experiment, cells))
+        plots(folder, experiment, cells)
+        schedule_plot(folder, experiment, cells)
+        write_provenance(folder, experiment, runs, tuned)
+        if tuning is not None:
+            (folder / "tuning.md").write_text(tuning)
+
+    replace_folder(results, build, keep=["tuning.md"] if tuned else [])
     log_table(experiment, cells, results, sweep_dir)
-    return results
+    failures = [f"{cell.name} {failure}" for cell in cells for failure in cell.failures]
+    return Written(results, len(runs), total, failures)
 
 
-def write_provenance(results: Path, experiment: Experiment, runs: list[Path]) -> None:
-    """results/provenance.json: the experiment, code, versions, hardware, and every run."""
+def no_runs(experiment: Experiment, sweep_dir: Path, tuned: bool) -> str:
+    """Why there is no table to write, and what would make one."""
+    other = sweep_dir.parent if tuned else sweep_dir / "tuned"
+    hint = f"run graft-grid {experiment.name}{' --tune' if tuned else ''} first"
+    if not tuned and other.is_dir():
+        hint = f"{other} holds tuned runs: graft-table {experiment.name} --tuned"
+    elif tuned and any(other.glob("*/seed*")):
+        hint = f"{other} holds untuned runs: graft-table {experiment.name}"
+    return f"no runs of {experiment.name} in {sweep_dir}/ (none of its run folders exist); {hint}"
+
+
+def write_provenance(
+    results: Path, experiment: Experiment, runs: list[Path], tuned: bool = False
+) -> None:
+    """results/provenance.json: the experiment, code, versions, hardware, and every finished
+    run (how graft/grid/publish.py counts what a results folder holds)."""
     summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in runs]
     provenance = {
         "experiment": OmegaConf.to_container(OmegaConf.load(experiment.source)),
+        "tuned": tuned,
         "git_sha": git_sha(),
         "versions": versions(),
         "hardware": summaries[0]["hardware"] if summaries else None,
@@ -348,18 +483,36 @@ def write_provenance(results: Path, experiment: Experiment, runs: list[Path]) ->
 
 
 def main() -> None:
-    args = sys.argv[1:]
+    parser = Parser(prog="graft-table", description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("experiment", help="a name in experiments/ or a path to its YAML")
+    parser.add_argument(
+        "--tuned",
+        action="store_true",
+        help="the runs graft-grid --tune made (outputs/EXP/tuned/ -> results/EXP-tuned/); "
+        "default: the untuned runs (outputs/EXP/ -> results/EXP/)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a results folder that holds more finished runs (or the other kind)",
+    )
+    args = parser.parse_args()
     try:
-        if len(args) != 1:
-            raise UserError("usage: graft-table EXPERIMENT (a name in experiments/ or a path)")
-        experiment = load_experiment(args[0])
-        sweep_dir = Path("outputs") / experiment.name
-        if (sweep_dir / "tuned").is_dir():  # graft-grid --tune ran the grid there
+        experiment = load_experiment(args.experiment)
+        if experiment.study:
+            raise UserError(
+                f"{experiment.name} is a {experiment.study['kind']} study, not a grid: its table "
+                f"comes from graft-grid {experiment.name} (finished runs are skipped)"
+            )
+        sweep_dir = publish.OUTPUTS / experiment.name
+        if args.tuned:
             sweep_dir = sweep_dir / "tuned"
-        results = write_results(experiment, sweep_dir)
+        written = write_results(
+            experiment, sweep_dir, publish.RESULTS, tuned=args.tuned, force=args.force
+        )
     except UserError as error:
         exit_with("graft-table", error)
-    print((results / "table.md").read_text())
+    print((written.folder / "table.md").read_text())
 
 
 if __name__ == "__main__":

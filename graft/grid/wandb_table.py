@@ -38,7 +38,7 @@ def table_rows(experiment: Experiment, cells: list[Cell]) -> tuple[list[str], li
                 cell.spread(metric) if finished else None,
                 experiment.reference.get(cell.name, {}).get(metric),
             ]
-        row += [len(cell.run_dirs), "; ".join(cell.failures)]
+        row += [len(cell.run_dirs), "; ".join(map(str, cell.failures))]
         rows.append(row)
     return columns, rows
 

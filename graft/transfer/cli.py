@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from graft.cli_parser import Parser
 from graft.train.errors import UserError, exit_with
 from graft.transfer.recorded import load_recorded
 from graft.transfer.static import REDUCTIONS, derive, parse_window, write_multipliers
@@ -33,7 +34,7 @@ def run_derive(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="graft-static", description=__doc__.splitlines()[0])
+    parser = Parser(prog="graft-static", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     derive_parser = commands.add_parser(
         "derive", help="per-parameter static lr multipliers from a grafted run's norms"

@@ -19,8 +19,10 @@ reduction: a few spiky steps do not move it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,15 +97,30 @@ def derive(recorded: Recorded, window: tuple[int, int], reduce: str = "median") 
 
 
 def write_multipliers(path: Path, content: Mapping[str, Any]) -> None:
-    """Write the file; an existing one derived differently is refused, never overwritten."""
+    """Write the file (under a temporary name, then renamed: never half-written); an existing
+    one derived differently is refused, never overwritten."""
     text = json.dumps(content, indent=2) + "\n"
+    if path.is_dir():
+        raise UserError(
+            f"{path} is a folder; give a file path for the multipliers (e.g. "
+            f"--out {path / 'multipliers.json'})"
+        )
     if path.exists() and path.read_text() != text:
         raise UserError(
             f"{path} already holds other multipliers; delete it, or write elsewhere "
             "(graft-static derive --out PATH)"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise UserError(
+            f"cannot write {path} ({error.strerror}: {error.filename}); choose another path"
+        ) from None
 
 
 def load_multipliers(path: str | Path, names: list[str]) -> dict[str, float]:

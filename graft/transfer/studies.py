@@ -10,13 +10,16 @@ schedule_trend (arXiv 2002.11803, SGD#AdaGrad): M#D with its norms logged; the s
     ratio ‖u_M‖/‖u_D‖ over steps, fitted linear and power law (graft/transfer/trend.py).
 
 Each arm runs every seed in `outputs/<experiment>/<arm>/seed<k>/` (reruns skip finished runs);
-the results go to `results/<experiment>/`.
+the results go to `results/<experiment>/` (`-tuned/` after graft-grid --tune), written in one
+piece once every arm has run (graft/grid/publish.py), with a "Failed runs" section naming each
+failed seed's error.log.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,19 @@ import numpy as np
 
 from graft.grid.experiment import Experiment
 from graft.grid.launch import multirun
-from graft.grid.table import Runs, gather_runs, mean_loss_curve, write_provenance
+from graft.grid.publish import refuse_to_shrink, replace_folder, results_folder
+from graft.grid.table import (
+    Failure,
+    Runs,
+    Written,
+    failure_lines,
+    gather_runs,
+    learning_rates_line,
+    mean_loss_curve,
+    write_provenance,
+)
 from graft.grid.tune import lower_is_better
 from graft.train.config import cell_name
-from graft.train.errors import UserError
 from graft.transfer.recorded import load_recorded
 from graft.transfer.static import derive, parse_window, write_multipliers
 from graft.transfer.trend import fit_trend
@@ -59,18 +71,44 @@ def grafted_pair(m: str, d: str) -> list[str]:
     return [f"optim@magnitude={m}", f"optim@direction={d}"]
 
 
+Draw = Callable[[Path], None]  # writes a study's plots (and files) into a results folder
+Study = tuple[str, dict[str, Runs], Draw]  # table.md's body, the arms by name, the plots
+
+
 def run_study(
-    experiment: Experiment, shared: list[str], sweep_dir: Path, results_root: Path
-) -> Path:
-    """Run the experiment's study; results/<experiment>/ with table.md and plots."""
-    results = results_root / experiment.name
-    results.mkdir(parents=True, exist_ok=True)
+    experiment: Experiment,
+    shared: list[str],
+    sweep_dir: Path,
+    results_root: Path,
+    *,
+    tuned: bool = False,
+    force: bool = False,
+    tuning: str | None = None,
+) -> Written:
+    """Run the experiment's study, then write its results folder (table.md, plots,
+    provenance.json) in one piece; UserError if that folder holds more finished runs."""
     kind = experiment.study["kind"]
     run = {"static": static_study, "tuning_transfer": tuning_study, "schedule_trend": trend_study}
-    table, arms = run[kind](experiment, shared, sweep_dir, results)
-    (results / "table.md").write_text(table)
-    write_provenance(results, experiment, [path for runs in arms for path in runs.run_dirs])
-    return results
+    body, arms, draw = run[kind](experiment, shared, sweep_dir)
+    results = results_folder(results_root, experiment.name, tuned)
+    finished = [path for runs in arms.values() for path in runs.run_dirs]
+    total = len(arms) * len(experiment.seeds)
+    redo = f"graft-grid {experiment.name}" + (" --tune" if tuned else "")
+    refuse_to_shrink(results, len(finished), total, tuned=tuned, force=force, redo=redo)
+    header, rest = body.split("\n", 1)
+    table = "\n".join([header, "", learning_rates_line(experiment, tuned), rest.lstrip("\n")])
+    table += "\n".join(failure_lines(arms)) + ("\n" if failure_lines(arms) else "")
+
+    def build(folder: Path) -> None:
+        (folder / "table.md").write_text(table)
+        draw(folder)
+        write_provenance(folder, experiment, finished, tuned)
+        if tuning is not None:
+            (folder / "tuning.md").write_text(tuning)
+
+    replace_folder(results, build, keep=["tuning.md"] if tuned else [])
+    failures = [f"{arm} {failure}" for arm, runs in arms.items() for failure in runs.failures]
+    return Written(results, len(finished), total, failures)
 
 
 def state_bytes(runs: Runs) -> int | None:
@@ -87,9 +125,7 @@ def header(experiment: Experiment) -> list[str]:
     return [f"# {experiment.name}\n", experiment.description.strip() + "\n"]
 
 
-def static_study(
-    experiment: Experiment, shared: list[str], sweep_dir: Path, results: Path
-) -> tuple[str, list[Runs]]:
+def static_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> Study:
     m, d = experiment.magnitudes[0], experiment.directions[0]
     grafted = cell_name(m, d, True)
     arms = {
@@ -98,15 +134,17 @@ def static_study(
         grafted: run_arm(experiment, shared, sweep_dir, grafted, grafted_pair(m, d)),
     }
     source = sweep_dir / grafted / f"seed{experiment.seeds[0]}"
-    if not (source / "summary.json").exists():
-        raise UserError(f"{experiment.name}: {source} did not finish; no multipliers to derive")
+    corrected = f"{d}+static"  # as graft-train names such a run
+    if source not in arms[grafted].run_dirs:  # nothing to derive from: the arm cannot run
+        reason = f"not run: {grafted} seed {experiment.seeds[0]} did not finish"
+        failures = [Failure(seed, reason, source) for seed in experiment.seeds]
+        arms[corrected] = Runs({name: [] for name in experiment.metrics}, failures, [], 0)
+        return unfinished_static(experiment, arms), arms, lambda folder: None
     recorded = load_recorded(source)
     window = parse_window(experiment.study.get("window"), recorded)
     content = derive(recorded, window, experiment.study.get("reduce", "median"))
     multipliers = sweep_dir / "multipliers.json"
     write_multipliers(multipliers, content)
-    shutil.copyfile(multipliers, results / "multipliers.json")
-    corrected = f"{d}+static"  # as graft-train names such a run
     arms[corrected] = run_arm(
         experiment, shared, sweep_dir, corrected, [*plain(d), f"static={multipliers.resolve()}"]
     )
@@ -131,8 +169,23 @@ def static_study(
         lines.append(f"| {arm} | {cells} | {shown} | {ratio} |")
     lines.append("")
     lines.append(recovery(metric, arms[m], arms[d], arms[corrected], m, d, corrected))
-    static_plots(results, experiment, arms, content)
-    return "\n".join(lines) + "\n", list(arms.values())
+
+    def draw(folder: Path) -> None:
+        shutil.copyfile(multipliers, folder / "multipliers.json")
+        static_plots(folder, experiment, arms, content)
+
+    return "\n".join(lines) + "\n", arms, draw
+
+
+def unfinished_static(experiment: Experiment, arms: dict[str, Runs]) -> str:
+    """A static study's table when the grafted run to derive from did not finish."""
+    lines = header(experiment)
+    lines.append("No multipliers: the grafted run they derive from did not finish.\n")
+    lines.append("| run | " + " | ".join(experiment.metrics) + " |")
+    lines.append("|---|" + "---|" * len(experiment.metrics))
+    for arm, runs in arms.items():
+        lines.append(f"| {arm} | " + " | ".join(runs.text(m) for m in experiment.metrics) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def recovery(
@@ -198,9 +251,7 @@ def curves_plot(path: Path, experiment: Experiment, arms: dict[str, Runs]) -> No
     plt.close(figure)
 
 
-def tuning_study(
-    experiment: Experiment, shared: list[str], sweep_dir: Path, results: Path
-) -> tuple[str, list[Runs]]:
+def tuning_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> Study:
     m, d = experiment.magnitudes[0], experiment.directions[0]
     lrs = list(experiment.study["lrs"])
     metric = headline(experiment)
@@ -253,8 +304,13 @@ def tuning_study(
             f"up to {noise:.4f}). Trials saved: {len(lrs) - 1} of {len(lrs)} "
             f"({(len(lrs) - 1) * len(experiment.seeds)} runs over {len(experiment.seeds)} seeds)."
         )
-    tuning_plot(results, experiment, sweep, transfer, grafted)
-    return "\n".join(lines) + "\n", [*sweep.values(), own, transfer]
+    arms = {f"{d} lr={lr}": runs for lr, runs in sweep.items()}
+    arms |= {m: own, grafted: transfer}
+    return (
+        "\n".join(lines) + "\n",
+        arms,
+        lambda folder: tuning_plot(folder, experiment, sweep, transfer, grafted),
+    )
 
 
 def tuning_plot(
@@ -289,9 +345,7 @@ def tuning_plot(
     plt.close(figure)
 
 
-def trend_study(
-    experiment: Experiment, shared: list[str], sweep_dir: Path, results: Path
-) -> tuple[str, list[Runs]]:
+def trend_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> Study:
     m, d = experiment.magnitudes[0], experiment.directions[0]
     grafted = cell_name(m, d, True)
     runs = run_arm(experiment, shared, sweep_dir, grafted, grafted_pair(m, d))
@@ -310,8 +364,6 @@ def trend_study(
             f"| {seed} | {trend.ratio[0]:.4g} | {trend.ratio[-1]:.4g} | {trend.slope:.4g} | "
             f"{trend.linear_r2:.3f} | {trend.power:.3f} | {trend.power_r2:.3f} |"
         )
-    if runs.failures:
-        lines.append("\nFailed: " + "; ".join(runs.failures))
     if trends:
         linear = np.mean([t.linear_r2 for t in trends.values()])
         power = np.mean([t.power_r2 for t in trends.values()])
@@ -326,8 +378,11 @@ def trend_study(
     lines.append(
         "\n" + "\n".join(f"- {metric}: {runs.text(metric)}" for metric in experiment.metrics)
     )
-    trend_plot(results, experiment, trends, grafted)
-    return "\n".join(lines) + "\n", [runs]
+    return (
+        "\n".join(lines) + "\n",
+        {grafted: runs},
+        lambda folder: trend_plot(folder, experiment, trends, grafted),
+    )
 
 
 def trend_plot(results: Path, experiment: Experiment, trends: dict[str, Any], grafted: str) -> None:
