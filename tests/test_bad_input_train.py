@@ -3,7 +3,6 @@ value, and leaves every file it could touch byte-identical (nothing written, not
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from graft.train import cli
+from tests.refusals import assert_refused, read_only, tree_hashes
 
 # A few fast steps of the default cell; each case adds its mistake.
 TINY = [
@@ -24,19 +24,11 @@ TINY = [
 ]
 
 
-def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, by relative path (a new file is a difference too)."""
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
-
-
-def assert_one_line_refusal(code: int | None, stderr: str, bad: str, program: str) -> None:
+def assert_one_line_refusal(code: int | None, stderr: str, bad: str) -> None:
+    """For a refusal in a fresh process: exit 2, one line `graft-train: error:` naming bad."""
     lines = stderr.strip().splitlines()
     assert code == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith(f"{program}: error: "), stderr
+    assert len(lines) == 1 and lines[0].startswith("graft-train: error: "), stderr
     assert bad in lines[0], lines[0]
 
 
@@ -100,12 +92,7 @@ def test_a_mistake_on_the_command_line_is_one_line_and_writes_nothing(
 ):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("kept\n")
-    before = tree_hashes(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["graft-train", *TINY, *overrides])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    assert_one_line_refusal(exit_.value.code, capsys.readouterr().err, bad, "graft-train")
-    assert tree_hashes(tmp_path) == before
+    assert_refused(cli.main, ["graft-train", *TINY, *overrides], bad, [tmp_path], capsys)
     assert not (tmp_path / "outputs").exists()
 
 
@@ -113,53 +100,19 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     blocker = tmp_path / "taken"
     blocker.write_text("a file where the run directory's parent would be\n")
-    before = tree_hashes(tmp_path)
     for run_dir in (blocker, blocker / "run"):
-        monkeypatch.setattr(sys, "argv", ["graft-train", *TINY, f"hydra.run.dir={run_dir}"])
-        with pytest.raises(SystemExit) as exit_:
-            cli.main()
-        err = capsys.readouterr().err
-        assert_one_line_refusal(exit_.value.code, err, f"{blocker} is a file", "graft-train")
-    assert tree_hashes(tmp_path) == before
+        argv = ["graft-train", *TINY, f"hydra.run.dir={run_dir}"]
+        assert_refused(cli.main, argv, f"{blocker} is a file", [tmp_path], capsys)
 
 
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A folder no one may write in, root included (chmod alone does not stop root)."""
+def test_a_read_only_run_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     folder = tmp_path / "read_only"
     folder.mkdir()
     (folder / "kept.txt").write_text("kept\n")
-    folder.chmod(0o555)
-    immutable = False
-    try:
-        (folder / "probe").touch()
-    except OSError:
-        pass
-    else:
-        (folder / "probe").unlink()
-        immutable = (
-            subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-        )
-        if not immutable:
-            pytest.skip("no way to make a read-only folder here (root without chattr)")
-    yield folder
-    if immutable:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-    folder.chmod(0o755)
-
-
-def test_a_read_only_run_folder_is_one_line(read_only_folder, monkeypatch, capsys):
-    monkeypatch.chdir(read_only_folder.parent)
-    before = tree_hashes(read_only_folder.parent)
-    run_dir = read_only_folder / "run"
-    monkeypatch.setattr(sys, "argv", ["graft-train", *TINY, f"hydra.run.dir={run_dir}"])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    err = capsys.readouterr().err
-    assert_one_line_refusal(
-        exit_.value.code, err, f"cannot write in {read_only_folder}", "graft-train"
-    )
-    assert tree_hashes(read_only_folder.parent) == before
+    with read_only(folder):
+        argv = ["graft-train", *TINY, f"hydra.run.dir={folder / 'run'}"]
+        assert_refused(cli.main, argv, f"cannot write in {folder}", [tmp_path], capsys)
 
 
 def graft_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -182,13 +135,11 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def test_a_finished_run_given_another_config_is_refused_naming_the_keys(finished_run):
-    before = tree_hashes(finished_run)
+    before = tree_hashes([finished_run])
     result = graft_train(finished_run.parent, f"hydra.run.dir={finished_run}", "magnitude.lr=0.5")
-    assert_one_line_refusal(
-        result.returncode, result.stderr, "magnitude.lr: 0.001 -> 0.5", "graft-train"
-    )
+    assert_one_line_refusal(result.returncode, result.stderr, "magnitude.lr: 0.001 -> 0.5")
     assert "holds a run with another config" in result.stderr
-    assert tree_hashes(finished_run) == before
+    assert tree_hashes([finished_run]) == before
     again = graft_train(finished_run.parent, f"hydra.run.dir={finished_run}")
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
 
@@ -199,12 +150,12 @@ def test_a_run_whose_only_checkpoints_are_unreadable_is_refused(finished_run, tm
     (run_dir / "summary.json").unlink()  # as if killed before it ended
     for path in (run_dir / "checkpoints").glob("step_*.pt"):
         path.write_bytes(path.read_bytes()[:100])  # torn
-    before = tree_hashes(run_dir)
+    before = tree_hashes([run_dir])
     result = graft_train(tmp_path, f"hydra.run.dir={run_dir}")
     bad = str(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1])
-    assert_one_line_refusal(result.returncode, result.stderr, bad, "graft-train")
+    assert_one_line_refusal(result.returncode, result.stderr, bad)
     assert "to start it over, move" in result.stderr
-    assert tree_hashes(run_dir) == before  # metrics.jsonl not cut back, nothing rewritten
+    assert tree_hashes([run_dir]) == before  # metrics.jsonl not cut back, nothing rewritten
 
 
 @pytest.mark.parametrize(
@@ -222,7 +173,7 @@ def test_a_run_whose_only_checkpoints_are_unreadable_is_refused(finished_run, tm
 )
 def test_a_model_or_split_that_does_not_fit_the_data_is_refused_at_build(tmp_path, overrides, bad):
     result = graft_train(tmp_path, f"hydra.run.dir={tmp_path / 'run'}", *overrides)
-    assert_one_line_refusal(result.returncode, result.stderr, bad, "graft-train")
+    assert_one_line_refusal(result.returncode, result.stderr, bad)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
