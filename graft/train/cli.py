@@ -66,7 +66,7 @@ def main() -> None:
 def check_overrides(overrides: list[str], *, compose_too: bool = True, sweep: bool = False) -> None:
     """UserError for an unknown group option, or an override that does not compose or is
     refused by the checks every run makes before building anything (graft/train/strict.py,
-    check_before_building). A sweep (`-m`) is checked on its first job."""
+    check_before_building). A sweep (`-m`) is checked on every value it sweeps."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as error:
