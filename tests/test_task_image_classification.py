@@ -135,34 +135,43 @@ def test_digits_default_splits_and_small_resnet():
     assert logits.shape == (4, 10)
 
 
-def test_imagenet_config_trains_through_the_cli_on_a_tiny_image_folder(tmp_path):
-    """task=imagenet_resnet50 (ResNet-50, step decay, ImageFolder) with only sizes scaled down."""
-    root = write_image_folder(tmp_path / "imagenet", per_class=2)
-    run_dir = tmp_path / "run"
-    overrides = [
+def train_on_image_folder(root: Path, run_dir: Path, *overrides: str):
+    """graft-train task=imagenet_resnet50 in a fresh process, with only its sizes scaled to
+    the tiny ImageFolder at root (3 classes, 32-pixel crops, batch 6, fp32)."""
+    scaled = [
         "task=imagenet_resnet50",
         f"task.data.root={root}",
         "task.model.num_classes=3",
         "task.data.image_size=32",
         "task.data.resize_size=36",
         "trainer.batch_size=6",
+        "trainer.bf16=false",
+        "logger=none",
+        "trainer.progress=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "graft.train", *scaled, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_imagenet_config_trains_through_the_cli_on_a_tiny_image_folder(tmp_path):
+    """task=imagenet_resnet50 (ResNet-50, step decay, ImageFolder) with only sizes scaled down."""
+    root = write_image_folder(tmp_path / "imagenet", per_class=2)
+    run_dir = tmp_path / "run"
+    result = train_on_image_folder(
+        root,
+        run_dir,
         "trainer.micro_batch_size=3",  # two accumulation steps
         "trainer.max_steps=2",
         "trainer.eval_every=1",
         "trainer.log_every=1",
         "trainer.num_workers=0",
-        "trainer.bf16=false",
         "schedule.warmup_steps=1",
         "schedule.milestones=[1]",
-        "logger=none",
-        "trainer.progress=false",
-        f"hydra.run.dir={run_dir}",
-    ]
-    result = subprocess.run(
-        [sys.executable, "-m", "graft.train", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -189,28 +198,13 @@ def test_an_unreadable_image_met_in_training_ends_the_run_in_one_line(tmp_path):
     for name in CLASSES:  # every training image broken: the first batch meets one
         for path in (root / "train" / name).iterdir():
             path.write_bytes(b"\x00" * 16)
-    overrides = [
-        "task=imagenet_resnet50",
-        f"task.data.root={root}",
+    result = train_on_image_folder(
+        root,
+        tmp_path / "run",
         "task.model.name=resnet18",
-        "task.model.num_classes=3",
-        "task.data.image_size=32",
-        "task.data.resize_size=36",
-        "trainer.batch_size=6",
         "trainer.max_steps=1",
         "trainer.num_workers=1",
-        "trainer.bf16=false",
-        "trainer.channels_last=false",
         "schedule.warmup_steps=0",
-        "logger=none",
-        "trainer.progress=false",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    result = subprocess.run(
-        [sys.executable, "-m", "graft.train", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
