@@ -41,8 +41,8 @@ RUN = [
 SLOW_CLI = (
     "import sys, time\n"
     "from graft.train import loop\n"
-    "step = loop.Loop.train_step\n"
-    "loop.Loop.train_step = lambda self: (time.sleep(float(sys.argv.pop(1))), step(self))[1]\n"
+    "step, seconds = loop.Loop.train_step, float(sys.argv.pop(1))\n"
+    "loop.Loop.train_step = lambda self: (time.sleep(seconds), step(self))[1]\n"
     "from graft.train.cli import main\n"
     "main()\n"
 )
@@ -70,9 +70,10 @@ def output(run_dir: Path) -> str:
     return (run_dir.parent / f"{run_dir.name}.out").read_text()
 
 
-def wait_for(condition, what: str, timeout_s: float = 120) -> None:
+def wait_for(condition, what: str, job: subprocess.Popen | None = None, timeout_s=120) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
+        assert job is None or job.poll() is None, f"exited ({job.returncode}) before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
@@ -118,7 +119,7 @@ def test_a_second_job_on_a_run_directory_refuses_at_once_and_a_killed_one_leaves
     run_dir = tmp_path / "run"
     overrides = [*RUN, "trainer.max_steps=12", "trainer.checkpoint_every=2"]
     first = slow_cli(run_dir, *overrides, step_s=1.0)
-    wait_for(lambda: checkpoint_steps(run_dir), "the first job's first checkpoint")
+    wait_for(lambda: checkpoint_steps(run_dir), "the first checkpoint", first)
     first.send_signal(signal.SIGSTOP)  # frozen mid-run: its files cannot change under us
     try:
         before = hashes(run_dir)
@@ -151,13 +152,13 @@ def test_a_finished_holder_releases_the_lock_in_process(tmp_path, one_thread):
 # Preemption and time limits.
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
 def test_a_stop_signal_checkpoints_at_the_next_step_and_the_rerun_ends_bit_for_bit(
     tmp_path, uninterrupted, one_thread, signum
 ):
     run_dir = tmp_path / "run"
     job = slow_cli(run_dir, *RUN)
-    wait_for(lambda: steps_logged(run_dir), "the first logged step")
+    wait_for(lambda: steps_logged(run_dir), "the first logged step", job)
     job.send_signal(signum)
     assert job.wait(timeout=60) == 128 + signum, output(run_dir)
     (stopped_at,) = checkpoint_steps(run_dir)
@@ -423,7 +424,7 @@ def test_killing_torchrun_stops_its_workers_within_seconds(tmp_path):
         torchrun = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=log)
     workers: list[int] = []
     try:
-        wait_for(lambda: steps_logged(run_dir), "the first logged step")
+        wait_for(lambda: steps_logged(run_dir), "the first logged step", torchrun)
         found = subprocess.run(["pgrep", "-P", str(torchrun.pid)], capture_output=True, text=True)
         workers = [int(pid) for pid in found.stdout.split()]
         assert len(workers) == 2
