@@ -20,10 +20,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
-from graft.train import distributed, preemption
+from graft.train import distributed, preemption, run_lock
 from graft.train.checkpoints import saved_checkpoints
 from graft.train.cli import main
 from graft.train.config import CONFIGS, register_resolvers
+from graft.train.errors import UserError
 from graft.train.loop import train
 from graft.train.metrics import read_metrics
 from tests.test_train import TINY, config, train_in_process
@@ -147,6 +148,48 @@ def test_a_finished_holder_releases_the_lock_in_process(tmp_path, one_thread):
     assert train_in_process(run_dir, *RUN, "trainer.max_steps=2") == 0
     assert train_in_process(run_dir, *RUN, "trainer.max_steps=2") == 0  # already finished
     assert (run_dir / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+HOLD_AND_FORK = """
+import os, sys, time
+from pathlib import Path
+from graft.train.run_lock import hold_run_dir
+with hold_run_dir(Path(sys.argv[1])):
+    worker = os.fork()  # as a DataLoader forks its workers
+    if worker == 0:
+        time.sleep(120)
+        os._exit(0)
+    print(worker, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_forked_worker_does_not_keep_a_killed_holders_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_FORK, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    worker = int(holder.stdout.readline())
+    try:
+        with pytest.raises(UserError, match=f"in use by another job \\(pid {holder.pid} on "):
+            run_lock.lock(run_dir)
+        holder.kill()
+        holder.wait(timeout=30)
+        assert alive(worker)
+        with run_lock.hold_run_dir(run_dir):  # the worker lives on, the lock is free
+            assert (run_dir / ".lock").read_text().startswith(f"pid {os.getpid()} ")
+    finally:
+        holder.kill()
+        os.kill(worker, signal.SIGKILL)
+
+
+def test_a_run_directory_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(UserError, match="run is a file, not a run directory; move it away"):
+        run_lock.lock(tmp_path / "run")
+    with pytest.raises(UserError, match="cannot hold a run \\(Not a directory"):
+        run_lock.lock(tmp_path / "run" / "inner")
+    assert (tmp_path / "run").read_text() == "notes"
 
 
 # Preemption and time limits.

@@ -64,6 +64,11 @@ def lock(run_dir: Path) -> int | None:
     except OSError as error:
         if error.errno in READ_ONLY and run_dir.is_dir():
             return None  # read-only: nothing can be written here, by us or another job
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(
+                f"{run_dir} is a file, not a run directory; move it away or pick another "
+                "folder with hydra.run.dir=..."
+            ) from None
         raise UserError(
             f"{run_dir} cannot hold a run ({error.strerror}: {error.filename or path}); "
             "pick another folder with hydra.run.dir=..."
