@@ -70,7 +70,7 @@ def train(
 
 
 def train_held(config: Mapping[str, Any], run_dir: Path, record_config: Callable[[], None]) -> int:
-    """train() once this process holds run_dir (or, on ranks other than 0, needs not)."""
+    """train() under run_dir's lock (which the rank that writes, rank 0, holds)."""
     session_start = time.perf_counter()
     summary_path = run_dir / "summary.json"
     if summary_path.exists():

@@ -1,10 +1,11 @@
 """One run directory, one job: an OS lock on `run_dir/.lock`, held while the run trains.
 
 The lock is `flock(2)`: the kernel drops it when its holder exits or is killed (kill -9, a lost
-node), so a dead job never leaves a run directory stuck and there is no stale lock to delete;
-the file itself stays and only names the last holder. Only the process that writes takes it:
-global rank 0, or each process of a world of one (`srun python -m graft.train` without torchrun
-starts independent processes: one trains, the others refuse).
+node), so a dead job never leaves a run directory stuck and there is no stale lock to delete.
+The file stays, empty and never written (a run that is refused or has nothing to do changes
+nothing in the folder); the holder is looked up in /proc/locks. Only the process that writes
+takes it: global rank 0, or each process of a world of one (`srun python -m graft.train`
+without torchrun starts independent processes: one trains, the others refuse).
 """
 
 from __future__ import annotations
@@ -76,32 +77,29 @@ def lock(run_dir: Path) -> int | None:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = read_holder(descriptor)
         os.close(descriptor)
         raise UserError(
-            f"{run_dir} is in use by another job ({holder}); wait for it to end or stop it, "
-            "or pick another folder with hydra.run.dir=..."
+            f"{run_dir} is in use by another job ({holder(path)}); wait for it to end or stop "
+            "it, or pick another folder with hydra.run.dir=..."
         ) from None
     except OSError as error:  # e.g. a Lustre mount without the flock option
         os.close(descriptor)
         log.warning("cannot lock %s (%s): a second job on it would not be refused", path, error)
         return None
     _held.add(descriptor)
-    with contextlib.suppress(OSError):  # the name is for messages only
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, holder_line().encode(), 0)
     return descriptor
 
 
-def holder_line() -> str:
-    job = os.environ.get("SLURM_JOB_ID")
-    return (
-        f"pid {os.getpid()} on {socket.gethostname()}"
-        + (f", Slurm job {job}" if job else "")
-        + "\n"
-    )
-
-
-def read_holder(descriptor: int) -> str:
-    text = os.pread(descriptor, 200, 0).decode(errors="replace").strip()
-    return text.splitlines()[0] if text else "pid unknown"
+def holder(path: Path) -> str:
+    """Who holds path's flock: a process of this machine (from Linux's /proc/locks), or not."""
+    try:
+        status = path.stat()
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return "holder unknown"
+    device = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    for line in locks.splitlines():
+        fields = line.split()  # 1: FLOCK ADVISORY WRITE <pid> <major:minor:inode> 0 EOF
+        if fields[1:2] == ["FLOCK"] and device in fields:
+            return f"pid {fields[4]} on {socket.gethostname()}"
+    return "not a process of this machine: another node?"
