@@ -142,7 +142,7 @@ def test_a_second_job_on_a_run_directory_refuses_at_once_and_a_killed_one_leaves
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
 
 
-def test_a_finished_holder_releases_the_lock_in_process(tmp_path, one_thread):
+def test_the_lock_goes_with_the_run_and_a_no_op_changes_nothing(tmp_path, one_thread):
     """The lock is held by the train() call, not the process: the same process runs again."""
     run_dir = tmp_path / "run"
     assert train_in_process(run_dir, *RUN, "trainer.max_steps=2") == 0
@@ -411,8 +411,9 @@ def test_setup_puts_a_rank_bound_to_one_gpu_on_cuda_0(monkeypatch):
 # Data preparation once.
 
 
-def slow_to_prepare_rank(rank: int, folder: Path) -> None:
-    """A rank of a 2-rank job whose collectives time out after 5 s; rank 0's data takes 8 s."""
+def join_two_ranks(rank: int, folder: Path) -> None:
+    """This spawned process as rank `rank` of 2 (gloo, a file rendezvous), whose collectives
+    time out after 5 s."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     dist.init_process_group(
@@ -422,6 +423,11 @@ def slow_to_prepare_rank(rank: int, folder: Path) -> None:
         world_size=2,
         timeout=timedelta(seconds=5),
     )
+
+
+def slow_to_prepare_rank(rank: int, folder: Path) -> None:
+    """A rank of a 2-rank job whose collectives time out after 5 s; rank 0's data takes 8 s."""
+    join_two_ranks(rank, folder)
     from graft.train import loop
 
     build = loop.build_task
@@ -442,6 +448,36 @@ def test_the_first_rank_prepares_the_data_while_the_others_wait_past_the_timeout
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"code": 0}
     assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == 4
+
+
+def rank_signalled_alone(rank: int, folder: Path) -> None:
+    """Rank 1 alone gets SIGUSR2, during step 3; rank 0 hears of it through the vote."""
+    join_two_ranks(rank, folder)
+    from graft.train import loop
+
+    step = loop.Loop.train_step
+
+    def train_step(self):
+        if rank == 1 and self.progress.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return step(self)
+
+    loop.Loop.train_step = train_step
+    cfg = config(*RUN, "trainer.timeout_s=5", "trainer.batch_size=8")
+    try:
+        outcome = {"code": train(cfg, folder / "run")}
+    except preemption.StopRequested as stop:
+        outcome = {"signum": stop.signum, "step": stop.step, "code": stop.code}
+    (folder / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    mp.spawn(rank_signalled_alone, args=(tmp_path,), nprocs=2)
+    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0]["signum"] == signal.SIGUSR2 and outcomes[0]["code"] == 140
+    assert checkpoint_steps(tmp_path / "run") == [outcomes[0]["step"]]
+    assert 3 <= outcomes[0]["step"] < 30
 
 
 # The launcher dies, the workers stop.
