@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from omegaconf import OmegaConf
@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from graft.optim import Graft, state_bytes
 from graft.tasks import Batch, DataError, Task, build_task
-from graft.train import distributed
+from graft.train import distributed, preemption
 from graft.train.checkpoints import (
     load_newest_checkpoint,
     save_checkpoint,
@@ -43,6 +43,7 @@ from graft.train.errors import EXIT_RUN_FAILED, NonFiniteLoss, RunDirTaken, User
 from graft.train.metrics import MetricsLog, NoMetrics, wandb_mode
 from graft.train.optimizer import build_optimizer, check_optimizer, optimizer_specs
 from graft.train.provenance import git_sha, hardware, versions
+from graft.train.run_lock import hold_run_dir
 from graft.train.schedules import ScheduleError, build_schedule, check_schedule
 from graft.transfer.replay import replay_multipliers
 
@@ -66,8 +67,15 @@ def train(
 
     config: the resolved train.yaml as plain containers. record_config is called once the
     run is known to be this config's and everything built, to write the run's `.hydra/`.
-    Raises UserError for a mistake in the config or the data.
+    Raises UserError for a mistake in the config or the data, or when another job holds
+    run_dir; StopRequested (a SystemExit) when a signal stopped it with a checkpoint.
     """
+    with preemption.stop_on_signals(), hold_run_dir(run_dir, writer=distributed.writes_files()):
+        return train_held(config, run_dir, record_config)
+
+
+def train_held(config: Mapping[str, Any], run_dir: Path, record_config: Callable[[], None]) -> int:
+    """train() under run_dir's lock (which the rank that writes, rank 0, holds)."""
     session_start = time.perf_counter()
     summary_path = run_dir / "summary.json"
     if summary_path.exists():  # ended: a rerun of the same config is a no-op, another refused
@@ -105,7 +113,8 @@ def train_ranks(
     if not ranks.main:  # rank 0 alone speaks
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        task = build_task(config["task"], seed=seed, cache_dir=Path(config["cache_dir"]))
+        with distributed.node_leader_first(ranks):  # it fills the caches the others then read
+            task = build_task(config["task"], seed=seed, cache_dir=Path(config["cache_dir"]))
     except DataError as error:
         raise UserError(str(error)) from None
     except TypeError as error:  # a model keyword the model does not take
@@ -312,6 +321,7 @@ class Loop:
         window = (progress.train_seconds, progress.samples)  # at the last train log line
         final: dict[str, Any] = {}
         self.model.train()
+        stop = preemption.at_step_boundaries()  # a stop signal now waits for a step boundary
         while progress.step < max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
             self.pending.append(self.train_step())
@@ -329,6 +339,8 @@ class Loop:
                 )
             }
             due["norms"] &= trainer["log_norms_every"] > 0  # 0: never, not even at the end
+            stopping = stop.agreed(last=step == max_steps)
+            due["checkpoint"] |= stopping
             if not any(due.values()):
                 continue
             losses = self.checked_losses()  # waits for the device: the step times are now real
@@ -364,6 +376,8 @@ class Loop:
                 self.save_checkpoint()
                 paused += time.perf_counter() - started
             self.mark = now + paused  # so the next count includes logging but not the pause
+            if stopping:
+                self.stop(bar, stop.signum)
         bar.close()
         if not final:  # resumed from the last step's checkpoint: evaluate again (same result)
             final = self.evaluate()
@@ -375,6 +389,18 @@ class Loop:
         self.progress.train_seconds += now - self.mark
         self.mark = now
         return now
+
+    def stop(self, bar: tqdm, signum: int) -> NoReturn:
+        """End the run on a stop signal, once this step's checkpoint is written."""
+        bar.close()
+        self.metrics.close()
+        log.info(
+            "%s: stopped at step %d with its checkpoint; the same command resumes %s",
+            preemption.name(signum),
+            self.progress.step,
+            self.run_dir,
+        )
+        raise preemption.StopRequested(signum, self.progress.step)
 
     def train_step(self) -> Tensor:
         """One optimizer step over `accumulation` micro-batches; the step's mean loss."""
