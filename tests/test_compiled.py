@@ -399,16 +399,24 @@ def test_a_layout_the_graphs_do_not_take_steps_eagerly_with_one_warning(traced_o
 
 
 def test_the_trainer_switch_compiles_the_step(tmp_path):
-    """graft.compile=true trains the default cell to the eager run's weights (fp32 rounding)
-    and may be switched on when resuming an eager run."""
+    """graft.compile=true trains the default cell to the eager run's weights and may be
+    switched on when resuming an eager run. In float64: in float32 the two steps' rounding,
+    amplified by six steps of a BatchNorm model's backward, differs by CPU (4e-4 relative
+    on an AVX-512 EPYC)."""
     from tests.test_distributed import TINY, relative_differences
     from tests.test_train import train_in_process
 
-    overrides = [*TINY, "trainer.max_steps=6", "trainer.eval_every=0", "trainer.checkpoint_every=3"]
+    overrides = [
+        *TINY,
+        "trainer.dtype=float64",
+        "trainer.max_steps=6",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=3",
+    ]
     assert train_in_process(tmp_path / "eager", *overrides) == 0
     assert train_in_process(tmp_path / "compiled", *overrides, "graft.compile=true") == 0
     differences = relative_differences(tmp_path / "eager", tmp_path / "compiled")
-    assert max(differences.values()) < 1e-5, max(differences.items(), key=lambda kv: kv[1])
+    assert max(differences.values()) < 1e-9, max(differences.items(), key=lambda kv: kv[1])
 
     resumed = tmp_path / "resumed"
     for item in (".hydra", "checkpoints"):
@@ -416,4 +424,4 @@ def test_the_trainer_switch_compiles_the_step(tmp_path):
     (resumed / "checkpoints/step_00000006.pt").unlink()
     assert train_in_process(resumed, *overrides, "graft.compile=true") == 0
     differences = relative_differences(tmp_path / "eager", resumed)
-    assert max(differences.values()) < 1e-5, max(differences.items(), key=lambda kv: kv[1])
+    assert max(differences.values()) < 1e-9, max(differences.items(), key=lambda kv: kv[1])
