@@ -63,8 +63,8 @@ def one_thread():
 def slow_cli(run_dir: Path, *overrides: str, step_s: float = 0.3) -> subprocess.Popen:
     command = [sys.executable, "-c", SLOW_CLI, str(step_s), *TINY, *overrides]
     command.append(f"hydra.run.dir={run_dir}")
-    log = open(run_dir.parent / f"{run_dir.name}.out", "w")  # noqa: SIM115 - the child's
-    return subprocess.Popen(command, cwd=run_dir.parent, env=ONE_THREAD, stdout=log, stderr=log)
+    with open(run_dir.parent / f"{run_dir.name}.out", "w") as log:  # the child keeps it open
+        return subprocess.Popen(command, cwd=run_dir.parent, env=ONE_THREAD, stdout=log, stderr=log)
 
 
 def output(run_dir: Path) -> str:
@@ -97,6 +97,17 @@ def hashes(folder: Path) -> dict[str, str]:
 
 def without_timing(lines: list[dict]) -> list[dict]:
     return [{k: v for k, v in line.items() if k != "train/samples_per_s"} for line in lines]
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    """os.environ as it was, after a test whose code exports variables (RANK, MASTER_PORT ...)
+    that monkeypatch never set: a later test's processes would inherit them."""
+    saved = dict(os.environ)
+    yield os.environ
+    monkeypatch.undo()  # first: it would put back what the code exported after a delenv
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +248,7 @@ class RecordingLauncher:
 
 
 def test_under_submitit_the_checkpoint_is_written_before_submitit_requeues(
-    tmp_path, monkeypatch, one_thread
+    tmp_path, monkeypatch, one_thread, environment
 ):
     """submitit's own SIGUSR2 handler (as its job process installs it) still requeues: it is
     called once the checkpoint of the stopping step is written."""
@@ -325,7 +336,7 @@ def slurm_job(monkeypatch, *, rank: int, nodes: int = 1, tasks: int = 2, **prese
     ],
 )
 def test_a_submitit_job_keeps_a_preset_master_address_and_port(
-    monkeypatch, preset, expected_addr, expected_port
+    monkeypatch, environment, preset, expected_addr, expected_port
 ):
     slurm_job(monkeypatch, rank=3, nodes=2, tasks=4, **preset)
     distributed.from_submitit()
@@ -338,7 +349,7 @@ def test_a_submitit_job_keeps_a_preset_master_address_and_port(
     assert distributed.writes_files() is False
 
 
-def test_submitits_own_export_refuses_a_preset_port(monkeypatch):
+def test_submitits_own_export_refuses_a_preset_port(monkeypatch, environment):
     """Why graft exports the variables itself: submitit's export raises."""
     import submitit.helpers
 
@@ -347,7 +358,9 @@ def test_submitits_own_export_refuses_a_preset_port(monkeypatch):
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def test_a_loopback_master_address_gives_way_to_the_first_host_across_nodes(monkeypatch):
+def test_a_loopback_master_address_gives_way_to_the_first_host_across_nodes(
+    monkeypatch, environment
+):
     slurm_job(monkeypatch, rank=0, nodes=2, tasks=4, MASTER_ADDR="localhost")
     distributed.from_submitit()
     assert os.environ["MASTER_ADDR"] == "gpu3"
@@ -389,7 +402,7 @@ def test_each_rank_takes_its_own_gpu_or_the_one_it_sees(monkeypatch, local_rank,
     assert distributed.rank_device(local_rank) == torch.device("cuda", index)
 
 
-def test_setup_puts_a_rank_bound_to_one_gpu_on_cuda_0(monkeypatch):
+def test_setup_puts_a_rank_bound_to_one_gpu_on_cuda_0(monkeypatch, environment):
     """Per-task GPU binding: rank 1 of 2 sees one GPU, its own, as cuda:0."""
     joined: dict = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
