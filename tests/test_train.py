@@ -173,6 +173,18 @@ def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path, caplog):
     assert without_timing(metric_lines(resumed)) == without_timing(metric_lines(uninterrupted))
 
 
+def test_a_resume_between_two_log_lines_logs_the_same_losses(tmp_path):
+    """Checkpoints at steps 2 and 4, log lines at 3 and 6: the losses of the steps since the
+    last log line go into the checkpoint, so the resumed run's mean over 4..6 is the same."""
+    overrides = ("trainer.max_steps=6", "trainer.log_every=3", "trainer.keep_checkpoints=4")
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    assert train_in_process(uninterrupted, *overrides) == 0
+    assert train_in_process(resumed, *overrides) == 0
+    interrupted_at(resumed, 4)
+    assert train_in_process(resumed, *overrides) == 0
+    assert without_timing(metric_lines(resumed)) == without_timing(metric_lines(uninterrupted))
+
+
 def test_masked_lm_resume_restores_dropout_and_masking_rng_bit_for_bit(tmp_path, caplog):
     """tiny_bert draws dropout and its training masks from the global RNG: the checkpoint's."""
     caplog.set_level(logging.INFO)

@@ -150,6 +150,7 @@ def train_ranks(
     scaler = torch.amp.GradScaler(device.type, enabled=trainer["fp16"])
     progress = Progress()
     wandb_id = None
+    pending = torch.zeros(0)
     if checkpoint is not None:
         if len(checkpoint["rng"]) != ranks.world_size:
             raise UserError(
@@ -164,6 +165,7 @@ def train_ranks(
         set_rng_state(checkpoint["rng"][ranks.rank], device)
         progress = Progress(**checkpoint["progress"])
         wandb_id = checkpoint["wandb_id"]
+        pending = checkpoint.get("pending_losses", pending)  # absent in older checkpoints
         log.info("resuming %s from step %d", run_dir, progress.step)
     if ranks.main:
         record_config()
@@ -208,6 +210,7 @@ def train_ranks(
         progress=progress,
         run_dir=run_dir,
         session_start=session_start,
+        pending_losses=pending,
     )
     summary: dict[str, Any] = {
         "status": "finished",
@@ -282,6 +285,7 @@ class Loop:
     progress: Progress
     run_dir: Path
     session_start: float
+    pending_losses: Tensor  # losses of the steps since the last log line (a resume's)
 
     def __post_init__(self) -> None:
         self.trainer = self.config["trainer"]
@@ -298,7 +302,9 @@ class Loop:
             collate_fn=self.task.eval_collate or self.task.collate,
             num_workers=self.trainer["num_workers"],
         )
-        self.pending: list[Tensor] = []  # losses of the steps since the last log line
+        # Losses of the steps since the last log line: in each checkpoint, so a run resumed
+        # between two log lines logs the same mean loss as an uninterrupted one.
+        self.pending: list[Tensor] = list(self.pending_losses.to(self.device).unbind())
 
     def autocast(self) -> torch.autocast:
         dtype = torch.float16 if self.trainer["fp16"] else torch.bfloat16
@@ -477,6 +483,7 @@ class Loop:
             "rng": rng,
             "progress": asdict(self.progress),
             "wandb_id": self.metrics.wandb_id,
+            "pending_losses": torch.stack(self.pending).cpu() if self.pending else torch.zeros(0),
             "config": dict(self.config),
         }
         save_checkpoint(
