@@ -166,7 +166,8 @@ def test_a_run_whose_only_checkpoints_are_unreadable_is_refused(finished_run, tm
         (["task.kind=vision"], "unknown task.kind 'vision'; allowed: image_classification"),
         (["task.model.layers=[1,1]"], "task.model.layers=[1, 1] is invalid; allowed: four"),
         (
-            ["task=imagenet_resnet50", "task.data.root=/no/such/imagenet"],
+            ["task=imagenet_resnet50", "task.data.root=/no/such/imagenet"]
+            + ["schedule.warmup_steps=0", "schedule.milestones=[]"],  # fit the 2 steps
             "task.data.root='/no/such/imagenet' has no train/ and val/ folders",
         ),
     ],

@@ -122,8 +122,12 @@ def sample_jobs(parsed: list[Override]) -> list[list[str]]:
 
 def compose_run(overrides: list[str]) -> tuple[dict, Path]:
     """The resolved config a single run of `overrides` gets, and its run directory."""
-    # A launcher choice (hydra/launcher=slurm) changes where runs go, not what they compute.
-    overrides = [item for item in overrides if not item.lstrip("+~").startswith("hydra/")]
+    # A launcher and its settings change where runs go, not what they compute.
+    overrides = [
+        item
+        for item in overrides
+        if not item.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher"))
+    ]
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
