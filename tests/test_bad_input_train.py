@@ -78,6 +78,8 @@ BEFORE_HYDRA = [
     (["graft=off", "schedule=replay", "schedule.run=/no/such/run"], "/no/such/run"),
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode='sometimes'"),
     (["trainer.max_steps=["], "bad override"),
+    (["trainer.device=tpu"], "trainer.device='tpu' is not a device"),
+    (["trainer.backend=mpi"], "trainer.backend='mpi' is unknown"),
     # A task's own schedule is checked before its data is scanned (no ImageNet here).
     (["task=imagenet_resnet50", "trainer.max_steps=100"], "task=imagenet_resnet50 sets the"),
     # A sweep is checked on its first job before any job starts.

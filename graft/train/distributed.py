@@ -115,8 +115,7 @@ def setup(backend: str, device_name: str, timeout_s: int) -> tuple[Ranks, torch.
     timeout_s bounds every collective, so a rank that died stops the others instead of
     hanging them.
     """
-    if backend not in BACKENDS:
-        raise UserError(f"trainer.backend={backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    check_choices(backend, device_name)
     from_submitit()
     ranks = Ranks(
         rank=int(os.environ.get("RANK", 0)),
@@ -161,6 +160,13 @@ def rank_device(local_rank: int) -> torch.device:
     visible, else cuda:0 (per-task GPU binding: each rank sees only its own GPU)."""
     index = local_rank if local_rank < torch.cuda.device_count() else 0
     return torch.device("cuda", index)
+
+
+def check_choices(backend: str, device_name: str) -> None:
+    """UserError for a backend or device this machine cannot give (before any data is read)."""
+    if backend not in BACKENDS:
+        raise UserError(f"trainer.backend={backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    resolve_device(device_name)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -613,6 +613,7 @@ def check_before_building(config: Mapping[str, Any]) -> None:
     before an ImageFolder scan or a tokenization: the trainer, W&B, optimizers, schedule."""
     trainer = config["trainer"]
     check_trainer(trainer)
+    distributed.check_choices(trainer["backend"], trainer["device"])
     # The process count a launcher announces (torchrun, or 1): the batch must split over it.
     split_batch(trainer["batch_size"], trainer["micro_batch_size"], distributed.announced_ranks())
     wandb_mode(config["logger"])
