@@ -407,7 +407,6 @@ def test_setup_puts_a_rank_bound_to_one_gpu_on_cuda_0(monkeypatch, environment):
     joined: dict = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.update(set=device))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda *args, **kw: joined.update(kw))

@@ -182,7 +182,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name!r} but no CUDA device is visible; use auto or cpu")
     if device.type == "cuda" and device.index is None:  # set_device and DDP need an index
-        device = torch.device("cuda", torch.cuda.current_device())
+        # Index 0, not current_device(): that would create a CUDA context on GPU 0 in every
+        # rank before each takes its own (this check also runs before the run starts).
+        device = torch.device("cuda", 0)
     return device
 
 
