@@ -24,8 +24,16 @@ from graft.train.errors import UserError
 
 # Where a config grows keys of its own by design: the per-optimizer table.
 OPTIMIZER_TABLE = "optimizers"
-# Keys every logger accepts, so one set of overrides (a grid's) serves logger=wandb and none.
-LOGGER_KEYS = ("name", "mode", "project", "entity", "group", "tags")
+
+
+def logger_keys() -> set[str]:
+    """Keys any logger of configs/logger/ takes: each is accepted whichever logger runs, so
+    one set of overrides (a grid's ++logger.group) serves logger=wandb and logger=none."""
+    return {
+        key
+        for path in (CONFIGS / "logger").glob("*.yaml")
+        for key in OmegaConf.to_container(OmegaConf.load(path))
+    }
 
 
 def base_config(overrides: list[str]) -> dict[str, Any]:
@@ -57,7 +65,7 @@ def check_config(overrides: list[str], config: Mapping[str, Any], *, sweeping: b
             continue
         default, found = lookup(base, key)
         if not found:
-            if top == "logger" and key.split(".")[-1] in LOGGER_KEYS:
+            if top == "logger" and key.split(".")[-1] in logger_keys():
                 continue
             raise UserError(unknown_key_message(key, value, base, written))
         check_kind(key, value, default, written)
