@@ -16,21 +16,14 @@ from torch._dynamo.utils import counters
 import graft.optim.compiled as compiled
 from graft import Graft
 from graft.optim import native
+from graft.optim.rules import variant_specs
 from tests.helpers import TOLERANCE, assert_trajectories_close, compute_grads, make_model, train
 from tests.test_graft import SPECS
 
 STEPS = 10
-# The flags SPECS leaves off, so that every branch of every rule's pointwise form is traced.
-VARIANTS = {
-    "sgd": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True},
-    "sgd_plain": {"name": "sgd", "lr": 0.05},
-    "sgd_damped": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "dampening": 0.5},
-    "adam": {"name": "adam", "lr": 1e-3, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
-    "adagrad": {"name": "adagrad", "lr": 0.05, "lr_decay": 0.01, "weight_decay": 1e-3},
-    "rmsprop": {"name": "rmsprop", "lr": 1e-3, "weight_decay": 1e-3},
-    "lars": {"name": "lars", "lr": 0.1, "momentum": 0.0, "skip_1d": False},
-    "lamb": {"name": "lamb", "lr": 5e-3, "skip_1d": False},
-}
+# The flags and scalars SPECS leaves off, so that every branch of every rule's pointwise form
+# is traced: the variants the registry marks `compiled` (`Rule.variants`).
+VARIANTS = variant_specs(compiled=True)
 # The paper's three rules: their pairs run through the real compiler (inductor, C++).
 PAPER_PAIRS = list(itertools.product(("sgd", "adam", "adagrad"), repeat=2))
 # The rules the native CPU loops step (graft/optim/native), and their flags' variants.
@@ -100,7 +93,7 @@ def test_every_pair_traces_to_the_eager_step(traced_only, magnitude, direction, 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_flag_traces_to_the_eager_step(traced_only, name, granularity):
     """Each variant as magnitude and as direction, against Adam (or SGD for Adam)."""
-    other = SPECS["sgd"] if name == "adam" else SPECS["adam"]
+    other = SPECS["sgd"] if VARIANTS[name]["name"] == "adam" else SPECS["adam"]
     for magnitude, direction in ((VARIANTS[name], other), (other, VARIANTS[name])):
         eager, compiled_run = trajectories(magnitude, direction, granularity, torch.float64)
         assert_trajectories_close(compiled_run, eager, torch.float64)

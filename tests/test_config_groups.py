@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import BertConfig
 
 from graft import Graft
+from graft.optim import RULES
 from graft.tasks import build_task
 from graft.train.config import register_resolvers
 from graft.train.loop import check_trainer, make_scheduler
@@ -32,7 +33,7 @@ def composed(*overrides):
 
 
 def test_groups_hold_every_builtin_rule_and_schedule():
-    assert names("optim") == ["adagrad", "adam", "adamw", "lamb", "lars", "rmsprop", "sgd"]
+    assert names("optim") == sorted(RULES)
     assert names("graft") == ["global", "off", "tensor"]
     assert names("schedule") == [
         "constant",
@@ -42,6 +43,14 @@ def test_groups_hold_every_builtin_rule_and_schedule():
         "replay",  # a recorded run's per-tensor schedule: tests/test_transfer.py
         "step_decay",
     ]
+
+
+@pytest.mark.parametrize("name", names("optim"))
+def test_optim_files_name_their_rule_and_only_its_keywords(name):
+    """configs/optim/X.yaml is rule X: its file name is its name, its keys the rule's."""
+    spec = composed(f"+optim@magnitude={name}")["magnitude"]
+    assert spec["name"] == name
+    assert set(spec) - {"name"} <= set(RULES[name].defaults)
 
 
 @pytest.mark.parametrize("magnitude", names("optim"))

@@ -1,5 +1,5 @@
-"""Rules torch.optim lacks (LARS, LAMB, AdaGrad with momentum) against plain per-tensor
-references written from the papers' formulas."""
+"""The variants torch.optim has no counterpart for (LARS, LAMB, AdaGrad with momentum) against
+plain per-tensor references written from the papers' formulas."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import pytest
 import torch
 
 from graft import Graft
+from graft.optim.rules import RULES, variant_specs
+from graft.optim.spec import normalize
 from tests.helpers import assert_trajectories_close, flat, make_model, train
 
 STEPS = 6
 
 
 class Reference(torch.optim.Optimizer):
-    """One tensor at a time, straight from the formulas; no foreach, no folding."""
+    """One tensor at a time, straight from the formulas; no foreach, no folding. One method
+    per rule name, taking every keyword of the rule."""
 
     def __init__(self, params, rule, **hyper):
         super().__init__(params, {"rule": rule, **hyper})
@@ -51,7 +54,8 @@ class Reference(torch.optim.Optimizer):
             trust = 1.0
         w.sub_(h["lr"] * trust * r)
 
-    def adagrad_momentum(self, w, g, state, h):
+    def adagrad(self, w, g, state, h):
+        """With momentum (torch.optim.Adagrad is the reference without)."""
         state["t"] = t = state.get("t", 0) + 1
         g = g + h["weight_decay"] * w
         s = state.setdefault("s", torch.zeros_like(w))
@@ -61,29 +65,26 @@ class Reference(torch.optim.Optimizer):
         w.sub_(h["lr"] / (1 + (t - 1) * h["lr_decay"]) * b)
 
 
-LARS = {"lr": 2.0, "momentum": 0.9, "weight_decay": 0.01, "trust_coefficient": 0.02, "eps": 1e-8}
-LAMB = {"lr": 0.01, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.05}
-CASES = [
-    ("lars", {**LARS, "skip_1d": True}),
-    ("lars", {**LARS, "skip_1d": False}),
-    ("lars", {**LARS, "momentum": 0.0, "weight_decay": 0.0, "skip_1d": True}),
-    ("lamb", {**LAMB, "skip_1d": True}),
-    ("lamb", {**LAMB, "skip_1d": False, "weight_decay": 0.0}),
-    ("adagrad", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "lr_decay": 0.1, "eps": 1e-10}),
-]
+# Every variant whose rule has no torch.optim counterpart for it (the rest:
+# test_rules_match_torch.py), with every keyword filled in for the reference.
+CASES = {
+    label: normalize(spec, "test")
+    for label, spec in variant_specs().items()
+    if RULES[spec["name"]].reference_class(normalize(spec, "test")) is None
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("name", "keywords"), CASES)
-@pytest.mark.parametrize("generic", [False, True])
-def test_rule_equals_reference(name, keywords, dtype, generic):
+@pytest.mark.parametrize("spec", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("black_box", [False, True])
+def test_rule_equals_reference(spec, dtype, black_box):
+    name, hyper = spec["name"], {key: value for key, value in spec.items() if key != "name"}
     model = make_model(dtype)
-    rule = "adagrad_momentum" if name == "adagrad" else name
-    expected = train(model, Reference(model.parameters(), rule, **keywords), STEPS)
+    expected = train(model, Reference(model.parameters(), name, **hyper), STEPS)
 
     model = make_model(dtype)
     start = flat(model)
-    optimizer = Graft(model.parameters(), {"name": name, **keywords}, generic=generic)
+    optimizer = Graft(model.parameters(), spec, black_box=black_box)
     actual = train(model, optimizer, STEPS)
     assert_trajectories_close(actual, expected, dtype, start=start)
 

@@ -1,4 +1,5 @@
-"""Grafted optimizers: the update rules, their combination, and the black-box reference."""
+"""Grafted optimizers: the update rules, their combination (eager and compiled paths), and
+the black-box path for any torch optimizer."""
 
 from graft.optim.graft import GRANULARITIES, Graft
 from graft.optim.rules import RULES

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from graft.optim import spec as specs
+from graft.optim.black_box import BlackBoxStep
 from graft.optim.compiled import CompiledStep
-from graft.optim.generic import BlackBox
 from graft.optim.update import StepNorms, apply_update, update_norms
 
 GRANULARITIES = ("tensor", "global")
@@ -42,21 +42,25 @@ class Graft(torch.optim.Optimizer):
             set `lr` (M's learning rate), `eps`, any keyword of M or D (e.g.
             `weight_decay=0.0` for biases: applied to whichever of M and D takes it), or
             `magnitude={...}` / `direction={...}` to override one of them alone.
-        magnitude: M's spec, e.g. ``{"name": "adam", "lr": 1e-3}``. Built-in names:
-            sgd, adam, adamw, adagrad, rmsprop, lars, lamb (torch.optim's keywords and
-            defaults); any other torch optimizer by dotted path or class.
+        magnitude: M's spec, e.g. ``{"name": "adam", "lr": 1e-3}``: a built-in rule by
+            name (graft.optim.RULES; torch.optim's keywords and defaults), or any other
+            torch optimizer by dotted path or class.
         direction: D's spec, or None for plain M. D's lr cancels in the normalisation.
             A direction identical to the magnitude (lr included) is plain M.
         granularity: "tensor" (one ratio per tensor) or "global" (one over all tensors).
         eps: added to ‖u_D‖, so u_D = 0 gives a zero step.
-        generic: force the black-box path (step each optimizer, measure, restore), which
-            any optimizer takes and built-in rules only need as a reference.
-        compile: a compiled step (graft/optim/compiled.py): the same results to fp32
+        black_box: force the black-box path (graft/optim/black_box.py: step each whole
+            optimizer, measure, restore), which any torch optimizer takes and built-in
+            rules only need as a reference for the eager path.
+        compile: the compiled path (graft/optim/compiled.py): the same results to fp32
             rounding, each tensor's step fused into two loops over memory, from the second
-            step on (the first, which creates the state, runs eagerly). SGD, Adam, AdamW
-            and AdaGrad on the CPU take hand-written loops (built once per machine), the
-            rest torch.compile's graphs. Built-in rules only; where the step cannot be
+            step on (the first, which creates the state, takes the eager path). SGD, Adam,
+            AdamW and AdaGrad on the CPU take hand-written loops (built once per machine),
+            the rest torch.compile's graphs. Built-in rules only; where the step cannot be
             compiled, one warning and eager steps.
+
+    Otherwise built-in rules take the eager path (`_eager_step`: foreach kernels over
+    chunks of tensors, no copy of the weights).
 
     The param groups' `lr` is M's learning rate, so LR schedulers scale the grafted step.
     After each step, `last_norms` holds ‖u_M‖ and ‖u_D‖ per tensor, without a host sync.
@@ -70,7 +74,7 @@ class Graft(torch.optim.Optimizer):
         granularity: str = "tensor",
         eps: float = 1e-16,
         *,
-        generic: bool = False,
+        black_box: bool = False,
         compile: bool = False,  # noqa: A002 - the name torch users expect
     ) -> None:
         if granularity not in GRANULARITIES:
@@ -86,14 +90,14 @@ class Graft(torch.optim.Optimizer):
         builtin = specs.rule_of(magnitude) is not None and (
             direction is None or specs.rule_of(direction) is not None
         )
-        self.generic = generic or not builtin
+        self.black_box = black_box or not builtin
         self.last_norms: StepNorms | None = None
-        self._black_box = None
+        self._black_box_step = None
         self._compiled = None
         if not isinstance(compile, bool):
             raise ValueError(f"invalid compile={compile!r} for Graft; allowed: true or false")
-        if compile and self.generic:
-            reason = "generic=True" if generic else "a torch optimizer is not a built-in rule"
+        if compile and self.black_box:
+            reason = "black_box=True" if black_box else "a torch optimizer is not a built-in rule"
             warnings.warn(
                 f"Graft(compile=True) compiles built-in rules only ({reason}); stepping eagerly",
                 stacklevel=2,
@@ -170,16 +174,17 @@ class Graft(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.generic:
-            if self._black_box is None or not self._black_box.matches(self):
-                self._black_box = BlackBox(self)
-            self.last_norms = self._black_box.step()
+        if self.black_box:
+            if self._black_box_step is None or not self._black_box_step.matches(self):
+                self._black_box_step = BlackBoxStep(self)
+            self.last_norms = self._black_box_step.step()
         else:
             norms = None if self._compiled is None else self._compiled.step(self)
-            self.last_norms = self._fused_step() if norms is None else norms
+            self.last_norms = self._eager_step() if norms is None else norms
         return loss
 
-    def _fused_step(self) -> StepNorms:
+    def _eager_step(self) -> StepNorms:
+        """The eager path: each rule's foreach `step` over chunks, then the grafted update."""
         grafting = self.grafting()
         norm_params: list[Tensor] = []
         magnitude_norms: list[Tensor] = []
@@ -257,7 +262,7 @@ class Graft(torch.optim.Optimizer):
         states = []
         for param in params:
             state = self.state[param].setdefault(role, {})
-            if not state:  # filled in place: a black-box wrapper may hold this very dict
+            if not state:  # filled in place: the black-box path's inner optimizer may hold it
                 state.update(rule.init_state(param, hyper))
             states.append(state)
         return states

@@ -10,6 +10,7 @@ from graft.optim.rules.base import (
     POSITIVE,
     Hyper,
     Rule,
+    Variant,
     effective_grad,
     effective_grads,
     new_step_count,
@@ -45,6 +46,17 @@ class Adagrad(Rule):
         "momentum": NON_NEGATIVE,
     }
     torch_class = torch.optim.Adagrad
+    setting = {"lr": 0.05, "momentum": 0.9}
+    variants = (
+        Variant({"lr": 0.1}),
+        Variant(
+            {"lr": 0.1, "lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.1}
+        ),
+        Variant({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "lr_decay": 0.1, "eps": 1e-10}),
+        Variant({"lr": 0.05, "lr_decay": 0.01, "weight_decay": 1e-3}, compiled=True),
+        Variant({"lr": 0.05, "maximize": True}, compiled=True),
+    )
+    note = "momentum on the preconditioned step, as the paper runs AdaGrad (0: torch's rule)"
 
     @classmethod
     def reference_class(cls, hyper: Hyper) -> type[torch.optim.Optimizer] | None:

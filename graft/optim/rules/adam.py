@@ -13,6 +13,7 @@ from graft.optim.rules.base import (
     POSITIVE,
     Hyper,
     Rule,
+    Variant,
     effective_grad,
     effective_grads,
     new_step_count,
@@ -43,6 +44,16 @@ class Adam(Rule):
     }
     constraints = {"betas": BETAS, "eps": POSITIVE, "weight_decay": NON_NEGATIVE}
     torch_class = torch.optim.Adam
+    setting = {"lr": 1e-3}
+    variants = (
+        Variant({"lr": 0.01}),
+        Variant({"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+        Variant({"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True}),
+        Variant({"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+        Variant(
+            {"lr": 1e-3, "amsgrad": True, "weight_decay": 0.1, "maximize": True}, compiled=True
+        ),
+    )
 
     @classmethod
     def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
@@ -167,6 +178,12 @@ class AdamW(Adam):
         "maximize": False,
     }
     torch_class = torch.optim.AdamW
+    setting = {"lr": 2e-3, "weight_decay": 0.1}
+    variants = (
+        Variant({"lr": 0.01}),
+        Variant({"lr": 0.01, "weight_decay": 0.2, "amsgrad": True}),
+        Variant({"lr": 1e-3, "amsgrad": True, "maximize": True}, compiled=True),
+    )
 
     @classmethod
     def decoupled(cls, hyper: Hyper) -> bool:

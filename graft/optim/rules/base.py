@@ -41,6 +41,21 @@ BETAS = Allowed(
 )
 
 
+@dataclass(frozen=True)
+class Variant:
+    """Keywords a rule is tested with (the rest at their defaults).
+
+    Every variant is held to the rule's torch.optim counterpart (`Rule.reference_class`)
+    or, where that is None, to a reference written from the paper's formulas
+    (tests/test_rules_match_torch.py, tests/test_rules_reference.py). `compiled`: the
+    compiled step traces it too (tests/test_compiled.py); each costs a compilation, so
+    only the variants that reach a branch or scalar the others leave off.
+    """
+
+    keywords: Hyper
+    compiled: bool = False
+
+
 class Rule:
     """Base class of the built-in rules; subclasses only define class methods.
 
@@ -48,14 +63,24 @@ class Rule:
     defaults: every keyword the rule takes and its default, matching the torch.optim
         namesake where there is one.
     constraints: allowed values of the keywords that have limits (lr >= 0 for all).
-    torch_class: the torch.optim class with exactly this math, if any; the generic
-        (black-box) path uses it as the reference implementation.
+    torch_class: the torch.optim class with exactly this math, if any: the black-box
+        path steps it, and the tests hold the rule to it.
+
+    What the tests and the README's rule table read (the registry drives them, so a new
+    rule lists them here and nowhere else):
+    setting: the keywords the paper (or the rule's authors) run it with; every pair of
+        rules is tested in these settings (tests/test_graft.py: SPECS).
+    variants: keyword sets that reach every branch and scalar of the rule's math.
+    note: the README's rule table note, if any.
     """
 
     name: ClassVar[str]
     defaults: ClassVar[Hyper]
     constraints: ClassVar[dict[str, Allowed]] = {}
     torch_class: ClassVar[type[torch.optim.Optimizer] | None] = None
+    setting: ClassVar[Hyper]
+    variants: ClassVar[tuple[Variant, ...]]
+    note: ClassVar[str] = ""
 
     @classmethod
     def check(cls, hyper: Hyper, where: str) -> None:

@@ -14,6 +14,7 @@ from graft.optim.rules.base import (
     POSITIVE,
     Hyper,
     Rule,
+    Variant,
     new_step_count,
     norm,
     step_counts,
@@ -43,6 +44,13 @@ class LAMB(Rule):
         "skip_1d": True,
     }
     constraints = {"betas": BETAS, "eps": POSITIVE, "weight_decay": NON_NEGATIVE}
+    setting = {"lr": 5e-3, "weight_decay": 0.01}
+    variants = (
+        Variant({"lr": 0.01, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.05}),
+        Variant({"lr": 0.01, "betas": (0.9, 0.99), "eps": 1e-6, "skip_1d": False}),
+        Variant({"lr": 5e-3, "skip_1d": False}, compiled=True),
+    )
+    note = "You et al. 2019, Algorithm 2"
 
     @classmethod
     def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:

@@ -10,6 +10,7 @@ from graft.optim.rules.base import (
     POSITIVE,
     Hyper,
     Rule,
+    Variant,
     effective_grad,
     effective_grads,
     norm,
@@ -46,6 +47,22 @@ class LARS(Rule):
         "trust_coefficient": POSITIVE,
         "eps": POSITIVE,
     }
+    setting = {"lr": 1.0, "weight_decay": 1e-4, "trust_coefficient": 0.01}
+    variants = (
+        Variant({"lr": 2.0, "momentum": 0.9, "weight_decay": 0.01, "trust_coefficient": 0.02}),
+        Variant(
+            {
+                "lr": 2.0,
+                "momentum": 0.9,
+                "weight_decay": 0.01,
+                "trust_coefficient": 0.02,
+                "skip_1d": False,
+            }
+        ),
+        Variant({"lr": 2.0, "momentum": 0.0, "trust_coefficient": 0.02}),
+        Variant({"lr": 0.1, "momentum": 0.0, "skip_1d": False}, compiled=True),
+    )
+    note = "You, Gitman, Ginsburg 2017, Algorithm 1"
 
     @classmethod
     def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ from graft.optim.rules.base import (
     UNIT_INTERVAL,
     Hyper,
     Rule,
+    Variant,
     effective_grad,
     effective_grads,
     new_step_count,
@@ -41,6 +42,14 @@ class RMSprop(Rule):
         "momentum": NON_NEGATIVE,
     }
     torch_class = torch.optim.RMSprop
+    setting = {"lr": 1e-3, "momentum": 0.5, "centered": True}
+    variants = (
+        Variant({"lr": 0.01}),
+        Variant({"lr": 0.01, "momentum": 0.9, "centered": True, "weight_decay": 0.01}),
+        Variant({"lr": 0.01, "alpha": 0.9, "centered": True, "maximize": True}),
+        Variant({"lr": 0.01, "momentum": 0.5}),
+        Variant({"lr": 1e-3, "weight_decay": 1e-3}, compiled=True),
+    )
 
     @classmethod
     def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:

@@ -10,6 +10,7 @@ from graft.optim.rules.base import (
     UNIT_INTERVAL,
     Hyper,
     Rule,
+    Variant,
     effective_grad,
     effective_grads,
 )
@@ -35,6 +36,17 @@ class SGD(Rule):
         "weight_decay": NON_NEGATIVE,
     }
     torch_class = torch.optim.SGD
+    setting = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
+    variants = (
+        Variant({"lr": 0.1}),
+        Variant({"lr": 0.1, "momentum": 0.9}),
+        Variant({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+        Variant({"lr": 0.05, "momentum": 0.8, "dampening": 0.3, "weight_decay": 0.1}),
+        Variant({"lr": 0.05, "momentum": 0.5, "maximize": True}),
+        Variant({"lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True}, compiled=True),
+        Variant({"lr": 0.05}, compiled=True),
+        Variant({"lr": 0.05, "momentum": 0.9, "dampening": 0.5}, compiled=True),
+    )
 
     @classmethod
     def check(cls, hyper: Hyper, where: str) -> None:

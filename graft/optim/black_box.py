@@ -3,8 +3,9 @@
 For each step: save the weights w, let M step and measure u_M = w' - w, restore w, let
 D step and measure u_D, then set w ← w + ‖u_M‖/(‖u_D‖ + eps) · u_D. Correct for any
 optimizer (it only sees what the optimizer did), at the price of a copy of the weights
-and two full optimizer steps; Graft uses it for optimizers that are not built-in rules,
-and the tests use it as the reference for the fused path.
+and two full optimizer steps; Graft takes it for optimizers that are not built-in rules
+(or when asked: `Graft(..., black_box=True)`), and the tests use it as the reference for
+the eager path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from graft.optim.graft import Graft
 
 
-class BlackBox:
+class BlackBoxStep:
     """Two whole optimizers (M and D) over a Graft's param groups, sharing its state.
 
     Each inner optimizer keeps its per-tensor state in the Graft's own state dict
@@ -79,7 +80,7 @@ class InnerOptimizer:
     """A whole optimizer over the Graft's params, and where its per-tensor state lives.
 
     optimizer: a torch.optim class where one computes the spec exactly, else a plain
-        (direction-less) fused Graft of the built-in rule.
+        (direction-less) Graft of the built-in rule, on the eager path.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, nested: bool) -> None:
