@@ -74,6 +74,11 @@ CASES = {
 }
 
 
+def test_every_rule_is_held_to_a_reference():
+    """Each rule has variants: each is tested here or against torch (test_rules_match_torch)."""
+    assert {spec["name"] for spec in variant_specs().values()} == set(RULES)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("spec", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("black_box", [False, True])

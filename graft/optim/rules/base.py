@@ -68,8 +68,8 @@ class Rule:
 
     What the tests and the README's rule table read (the registry drives them, so a new
     rule lists them here and nowhere else):
-    setting: the keywords the paper (or the rule's authors) run it with; every pair of
-        rules is tested in these settings (tests/test_graft.py: SPECS).
+    setting: typical keywords, as the paper (or the rule's authors) would run it; the
+        tests of every pair of rules take these (tests/test_graft.py: SPECS).
     variants: keyword sets that reach every branch and scalar of the rule's math.
     note: the README's rule table note, if any.
     """
