@@ -9,16 +9,14 @@ and the tests use it as the reference for the fused path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from graft.optim import spec as specs
+from graft.optim.combine import GraftLike, grafting_ratio
 from graft.optim.update import StepNorms
-
-if TYPE_CHECKING:
-    from graft.optim.graft import Graft
 
 
 class BlackBox:
@@ -29,13 +27,13 @@ class BlackBox:
     load_state_dict of the Graft cover them.
     """
 
-    def __init__(self, graft: Graft) -> None:
+    def __init__(self, graft: GraftLike) -> None:
         self.graft = graft
         self.group_count = len(graft.param_groups)
         self.magnitude = inner_optimizer(graft, "magnitude")
         self.direction = inner_optimizer(graft, "direction") if graft.grafting() else None
 
-    def matches(self, graft: Graft) -> bool:
+    def matches(self, graft: GraftLike) -> bool:
         return graft is self.graft and len(graft.param_groups) == self.group_count
 
     @torch.no_grad()
@@ -66,10 +64,11 @@ class BlackBox:
 
         eps_vector = torch.tensor(eps, dtype=magnitude.dtype, device=magnitude.device)
         if graft.granularity == "tensor":
-            scales = magnitude / (direction + eps_vector)
+            scales = grafting_ratio(magnitude, direction, eps_vector)
         else:
-            total_m = torch.linalg.vector_norm(magnitude)
-            scales = total_m / (torch.linalg.vector_norm(direction) + eps_vector)
+            scales = grafting_ratio(
+                torch.linalg.vector_norm(magnitude), torch.linalg.vector_norm(direction), eps_vector
+            )
         for param, weight, scale in zip(params, start, scales.unbind()):
             param.sub_(weight).mul_(scale).add_(weight)  # w + s·u_D, with u_D = w' - w
         return StepNorms(params, magnitude, direction)
@@ -101,7 +100,7 @@ class InnerOptimizer:
                 inner_state[param] = slot[role]
 
 
-def inner_optimizer(graft: Graft, role: str) -> InnerOptimizer:
+def inner_optimizer(graft: GraftLike, role: str) -> InnerOptimizer:
     graft_groups = graft.param_groups
     first = graft_groups[0][role]
     rule = specs.rule_of(first)
