@@ -178,10 +178,12 @@ class LoopCall:
     direction: tuple | None
     eps: float
 
+    @torch.compiler.disable  # under torch.compile(opt.step): calls into C++, not graphs
     def advance(self) -> Tensor:
         """Advance both states; ‖u_M‖ and ‖u_D‖ per tensor, float64 [n, 2] on the CPU."""
         return extension().advance(self.params, self.grads, self.magnitude, self.direction)
 
+    @torch.compiler.disable
     def apply(self, ratios: Tensor) -> None:
         """Add ratios[i] · u_D to tensor i (u_M without a direction), u recomputed from the
         advanced state. ratios: float64 [n] on the CPU."""
@@ -199,6 +201,7 @@ class LoopCall:
         return norms
 
 
+@torch.compiler.disable  # host work: rows of scalars for the loops
 def calls(items: Iterable[tuple[int, Item]]) -> list[LoopCall]:
     """The (position, item) pairs grouped into calls; items' step counts already advanced."""
     groups: dict[tuple, list[tuple[int, Item]]] = {}
