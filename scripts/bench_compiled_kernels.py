@@ -47,7 +47,8 @@ from bench_optimizer import cpu_model, parameters_with_grads, random_tensors, re
 
 import graft
 from graft.optim import compiled, native
-from graft.optim.compiled import advanced, norm, side_update, tensor_step
+from graft.optim.combine import grafting_ratio
+from graft.optim.compiled import advanced, graph_arguments, norm, side_update, tensor_step
 
 LARGE = 65_536  # values: the tensors whose loops, not the per-call cost, set the time
 ROW = 4096  # the longest sum inductor's C++ backend adds up without a cascade
@@ -119,7 +120,7 @@ def build(pair: str) -> tuple[dict[str, Callable[[], object]], dict[str, float],
     apply = torch.compile(compiled.apply_pass, **options, options=compiled.INDUCTOR_OPTIONS)
 
     def each(graph) -> Callable[[], None]:
-        return lambda: [graph(*item.arguments()) for item in items]
+        return lambda: [graph(*graph_arguments(item)) for item in items]
 
     def two_pass() -> None:
         for item in items:
@@ -127,7 +128,7 @@ def build(pair: str) -> tuple[dict[str, Callable[[], object]], dict[str, float],
                 item.param, item.grad, item.grad.view(-1), item.m_state, item.d_state,
                 item.m_packed, item.d_packed, item.magnitude, item.direction,
             )  # fmt: skip
-            scale = m_norm / (d_norm + item.eps)
+            scale = grafting_ratio(m_norm, d_norm, item.eps)
             apply(item.param, item.grad, item.d_state, item.d_packed, item.direction, scale)
 
     fused = [
@@ -146,12 +147,12 @@ def build(pair: str) -> tuple[dict[str, Callable[[], object]], dict[str, float],
     rows = [grad.view(-1, row_length(grad.numel())) for grad in grads]
     flats = [grad.view(-1) for grad in grads]
 
-    batches = native.batches(enumerate(items))
+    calls = native.calls(enumerate(items))
 
     native_bytes, step_bytes, no_norm_bytes, norms_bytes, two_pass_bytes = TRAFFIC[pair]
     timed = {
         "native loops (shipped for these rules)": (
-            lambda: [batch.advance(apply=True) for batch in batches],
+            lambda: [call.step() for call in calls],
             native_bytes,
         ),
         "compiled step (shipped for other rules)": (each(shipped), step_bytes),
@@ -186,7 +187,7 @@ def per_call_us(pair: str, calls: int = 300) -> float:
     graph = torch.compile(
         tensor_step, dynamic=True, fullgraph=True, options=compiled.INDUCTOR_OPTIONS
     )
-    arguments = items[0].arguments()
+    arguments = graph_arguments(items[0])
     graph(*arguments)
     times = []
     for _ in range(calls):

@@ -14,9 +14,11 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import graft.optim.compiled as compiled
+import graft.optim.rules.adam as adam_rule
 from graft import Graft
 from graft.optim import native
 from graft.optim.rules import variant_specs
+from graft.optim.rules.sgd import SGD
 from tests.helpers import TOLERANCE, assert_trajectories_close, compute_grads, make_model, train
 from tests.test_graft import SPECS
 
@@ -29,12 +31,7 @@ PAPER_PAIRS = list(itertools.product(("sgd", "adam", "adagrad"), repeat=2))
 # The rules the native CPU loops step (graft/optim/native), and their flags' variants.
 NATIVE_SPECS = {name: SPECS[name] for name in native.LOOPS}
 NATIVE_PAIRS = list(itertools.product(NATIVE_SPECS, repeat=2))
-NATIVE_VARIANTS = {
-    name: spec for name, spec in VARIANTS.items() if spec["name"] in native.LOOPS
-} | {
-    "adamw_amsgrad": {"name": "adamw", "lr": 1e-3, "amsgrad": True, "maximize": True},
-    "adagrad_plain": {"name": "adagrad", "lr": 0.05, "maximize": True},
-}
+NATIVE_VARIANTS = {name: spec for name, spec in VARIANTS.items() if spec["name"] in native.LOOPS}
 
 
 @pytest.fixture
@@ -210,6 +207,144 @@ def test_native_and_graph_tensors_share_one_step(traced_only, monkeypatch):
     for side in ("magnitude", "direction"):
         eager_side = getattr(eager_norms, side)[order]
         torch.testing.assert_close(getattr(compiled_norms, side), eager_side, rtol=1e-2, atol=0)
+
+
+def zero_norm_run(compile: bool, granularity: str, dtype: torch.dtype):
+    """sgd(momentum)#sgd where D's update vanishes: one tensor's gradient is 0 after the
+    first step (‖u_D‖ = 0 < ‖u_M‖), another's always (both 0), and from the third step on
+    every gradient is 0 (the global ‖u_D‖ is 0). Returns the weights after each step and
+    the optimizer."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (4,), (3, 3)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype)) for s in shapes]
+    magnitude = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+    optimizer = Graft(params, magnitude, {"name": "sgd", "lr": 0.1}, granularity, compile=compile)
+    trajectory = []
+    for step in range(4):
+        for index, param in enumerate(params):
+            live = step < 2 and (index == 0 or (index == 1 and step == 0))
+            grad = torch.randn(param.shape, generator=generator, dtype=dtype)
+            param.grad = grad if live else torch.zeros_like(param)
+        optimizer.step()
+        trajectory.append(torch.cat([p.detach().reshape(-1).clone() for p in params]))
+    return trajectory, optimizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+@pytest.mark.parametrize("path", ["native", "graph"])
+def test_a_vanishing_direction_gives_no_step_on_every_path(path, granularity, dtype, monkeypatch):
+    """‖u_D‖ = 0 (with ‖u_M‖ > 0 or = 0) scales u_D = 0 by ‖u_M‖ / eps: no step, as eagerly."""
+    if path == "graph":  # traced, as in traced_only
+        monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+        monkeypatch.setattr(compiled, "NATIVE", False)
+    eager, _ = zero_norm_run(False, granularity, dtype)
+    trajectory, optimizer = zero_norm_run(True, granularity, dtype)
+    assert optimizer._compiled.tensor_steps[path] > 0
+    assert_trajectories_close(trajectory, eager, dtype)
+    assert torch.equal(trajectory[-1], trajectory[1])  # nothing moved once u_D = 0
+    last = optimizer.last_norms
+    assert torch.count_nonzero(last.direction) == 0 and torch.all(last.magnitude[:2] > 0)
+
+
+def reversed_scalars(helper):
+    """`helper` (a rule's scalars function) with its names in reverse order."""
+
+    def reordered(*args, **kwargs):
+        return dict(reversed(helper(*args, **kwargs).items()))
+
+    return reordered
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+def test_scalars_reach_the_native_loops_by_name_in_any_order(granularity, monkeypatch):
+    """Adam's shared helper with its names reversed: the loops still read each by name."""
+    monkeypatch.setattr(adam_rule, "moment_scalars", reversed_scalars(adam_rule.moment_scalars))
+    monkeypatch.setattr(SGD, "scalars", reversed_scalars(SGD.scalars))
+    for magnitude, direction in ((VARIANTS["adam"], SPECS["sgd"]), (SPECS["sgd"], SPECS["adam"])):
+        eager, native_run = trajectories(magnitude, direction, granularity, torch.float64)
+        assert_trajectories_close(native_run, eager, torch.float64)
+
+
+@pytest.fixture
+def fresh_loop_names():
+    """The native loops' names checked again, as at the first use in a process."""
+    native.loop_names.cache_clear()
+    yield
+    native.loop_names.cache_clear()
+
+
+def renamed(helper, old: str, new: str):
+    """`helper` (a rule's scalars or flags function) with the name `old` spelled `new`."""
+
+    def rename(*args, **kwargs):
+        return {new if key == old else key: v for key, v in helper(*args, **kwargs).items()}
+
+    return rename
+
+
+class RenamedLoops:
+    """The built loops, but declaring `old` as `new` among `rule`'s names of `what`."""
+
+    def __init__(self, rule: str, what: int, old: str, new: str) -> None:
+        self.loops, self.rule, self.what, self.old, self.new = (
+            native.extension(),
+            rule,
+            what,
+            old,
+            new,
+        )
+
+    def names(self):
+        names = self.loops.names()
+        lists = [list(names_) for names_ in names[self.rule]]
+        lists[self.what] = [self.new if n == self.old else n for n in lists[self.what]]
+        return {**names, self.rule: tuple(lists)}
+
+
+@pytest.mark.parametrize(
+    "rename",
+    ["python scalar", "python flag", "native scalar", "native flag"],
+)
+def test_a_name_the_native_loops_and_a_rule_spell_differently_fails_loudly(
+    fresh_loop_names, monkeypatch, rename
+):
+    """A renamed scalar or flag, on either side: LoopNamesError at the first compiled step,
+    before any weight or state moves, naming the rule and both spellings."""
+    if rename == "python scalar":
+        monkeypatch.setattr(
+            adam_rule, "moment_scalars", renamed(adam_rule.moment_scalars, "beta2", "beta_2")
+        )
+        missing, unknown = "beta2", "beta_2"
+    elif rename == "python flag":
+        monkeypatch.setattr(
+            adam_rule.Adam, "flags", renamed(adam_rule.Adam.flags, "amsgrad", "ams")
+        )
+        missing, unknown = "amsgrad", "ams"
+    else:
+        what, old = (0, "beta2") if rename == "native scalar" else (2, "amsgrad")
+        loops = RenamedLoops("adam", what, old, old.upper())
+        monkeypatch.setattr(native, "extension", lambda: loops)
+        missing, unknown = old.upper(), old
+    model = make_model()
+    optimizer = grafted(model, compile=True)
+    train(model, optimizer, 1)  # the first step runs eagerly
+    before = tensors_of(model, optimizer)
+    with pytest.raises(native.LoopNamesError, match="native loops for 'adam'") as error:
+        train(model, optimizer, 1, offset=1)
+    message = str(error.value)
+    assert f"missing from the rule: ['{missing}']" in message
+    assert f"unknown to the loops: ['{unknown}']" in message
+    after = tensors_of(model, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def tensors_of(model, optimizer) -> list[torch.Tensor]:
+    """Copies of the weights and of every state tensor (step counts included)."""
+    state = optimizer.state_dict()["state"]
+    tensors = [*model.parameters()]
+    tensors += [v for roles in state.values() for s in roles.values() for v in s.values()]
+    return [tensor.detach().clone() for tensor in tensors]
 
 
 @pytest.fixture

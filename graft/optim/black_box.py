@@ -10,16 +10,14 @@ the eager path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from graft.optim import spec as specs
+from graft.optim.combine import GraftLike, grafting_ratio
 from graft.optim.update import StepNorms
-
-if TYPE_CHECKING:
-    from graft.optim.graft import Graft
 
 
 class BlackBoxStep:
@@ -30,13 +28,13 @@ class BlackBoxStep:
     load_state_dict of the Graft cover them.
     """
 
-    def __init__(self, graft: Graft) -> None:
+    def __init__(self, graft: GraftLike) -> None:
         self.graft = graft
         self.group_count = len(graft.param_groups)
         self.magnitude = inner_optimizer(graft, "magnitude")
         self.direction = inner_optimizer(graft, "direction") if graft.grafting() else None
 
-    def matches(self, graft: Graft) -> bool:
+    def matches(self, graft: GraftLike) -> bool:
         return graft is self.graft and len(graft.param_groups) == self.group_count
 
     @torch.no_grad()
@@ -67,10 +65,11 @@ class BlackBoxStep:
 
         eps_vector = torch.tensor(eps, dtype=magnitude.dtype, device=magnitude.device)
         if graft.granularity == "tensor":
-            scales = magnitude / (direction + eps_vector)
+            scales = grafting_ratio(magnitude, direction, eps_vector)
         else:
-            total_m = torch.linalg.vector_norm(magnitude)
-            scales = total_m / (torch.linalg.vector_norm(direction) + eps_vector)
+            scales = grafting_ratio(
+                torch.linalg.vector_norm(magnitude), torch.linalg.vector_norm(direction), eps_vector
+            )
         for param, weight, scale in zip(params, start, scales.unbind()):
             param.sub_(weight).mul_(scale).add_(weight)  # w + s·u_D, with u_D = w' - w
         return StepNorms(params, magnitude, direction)
@@ -102,7 +101,7 @@ class InnerOptimizer:
                 inner_state[param] = slot[role]
 
 
-def inner_optimizer(graft: Graft, role: str) -> InnerOptimizer:
+def inner_optimizer(graft: GraftLike, role: str) -> InnerOptimizer:
     graft_groups = graft.param_groups
     first = graft_groups[0][role]
     rule = specs.rule_of(first)

@@ -1,4 +1,4 @@
-"""Graft's compiled step: each tensor's M step, D step and grafted update fused.
+"""Graft's compiled step: each tensor's M step, D step and grafted update in two loops.
 
 Eagerly, a grafted step is a chain of foreach ops, each a pass over memory. Compiled, each
 tensor's step reads the weight, gradient and both states once, writes the states, reduces
@@ -7,13 +7,18 @@ any weight moves, so it runs in two passes: one advancing the states and returni
 norms, one recomputing u_D from the advanced state and applying it (no model-sized
 temporary either way).
 
-Two paths do this:
+Two paths do this, beside the eager one (Graft's foreach step, which this one falls back
+to):
 - **native** (graft/optim/native): hand-written CPU loops for SGD, Adam, AdamW and
   AdaGrad in float32/float64, built once per machine. They store the advanced states in
   the loop that sums the norms and compute each update once: a grafted step at the cost
-  of torch's fused M and D together.
+  of torch's single-kernel (`fused=True`) M and D together.
 - **graph**: every other tensor (other rules, 16-bit dtypes, GPUs) takes a graph
   torch.compile (inductor) makes of the rules' `pointwise` form, one call per tensor.
+
+Both scale D's update by `grafting_ratio` (graft/optim/combine.py), in the graph or, for
+the native loops, from the norms they return. The per-tensor data both paths take is in
+graft/optim/compiled_items.py.
 
 What stays on the host, so that nothing recompiles from one step to the next: the step
 counts (0-d CPU tensors, as torch.optim keeps them) and every coefficient computed from
@@ -34,18 +39,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from graft.optim import native
-from graft.optim import spec as specs
-from graft.optim.rules.base import Rule, norm
+from graft.optim.combine import GraftLike, grafting_ratio
+from graft.optim.compiled_items import Item, Role, Side
+from graft.optim.rules.base import norm
 from graft.optim.update import StepNorms
-
-if TYPE_CHECKING:
-    from graft.optim.graft import Graft
 
 # torch.compile's backend; tests may use "aot_eager" to check the traced math without C++.
 BACKEND = "inductor"
@@ -64,22 +66,13 @@ INDUCTOR_OPTIONS = {
 }
 
 
-class Side(NamedTuple):
-    """M or D as a graph sees it (constants the graph specializes on): the rule, the
-    names of its scalars, its flags for this tensor."""
-
-    rule: type[Rule]
-    names: tuple[str, ...]
-    flags: tuple[bool, ...]
-
-
 def unpack(names: tuple[str, ...], packed: Tensor) -> dict[str, Tensor]:
     return dict(zip(names, packed.unbind(), strict=True))
 
 
 def side_update(param, grad, state, packed, side: Side, advance: bool):
     return side.rule.pointwise(
-        param, grad, state, unpack(side.names, packed), side.flags, advance=advance
+        param, grad, state, unpack(side.names, packed), dict(side.flags), advance=advance
     )
 
 
@@ -97,13 +90,13 @@ def tensor_step(param, grad, m_state, d_state, m_packed, d_packed, magnitude, di
         param.add_(m_tensor * m_coeff)
         return m_norm, m_norm
     d_tensor, d_coeff, d_norm = advanced(param, grad, d_state, d_packed, direction)
-    param.add_(d_tensor * (m_norm / (d_norm + eps) * d_coeff))
+    param.add_(d_tensor * (grafting_ratio(m_norm, d_norm, eps) * d_coeff))
     return m_norm, d_norm
 
 
 def norms_pass(param, grad, m_state, d_state, m_packed, d_packed, magnitude, direction, eps):
     """Global granularity, first pass: advance both states; the norms only (`eps` is
-    unused: the pass takes tensor_step's arguments, Item.arguments())."""
+    unused: the pass takes tensor_step's arguments, graph_arguments)."""
     m_norm = advanced(param, grad, m_state, m_packed, magnitude)[2]
     return m_norm, advanced(param, grad, d_state, d_packed, direction)[2]
 
@@ -112,25 +105,6 @@ def apply_pass(param, grad, d_state, d_packed, direction, scale):
     """Global granularity, second pass: D's update again, from its advanced state, scaled."""
     tensor, coeff = side_update(param, grad, d_state, d_packed, direction, advance=False)
     param.add_(tensor * (scale * coeff))
-
-
-@dataclass
-class Role:
-    """M or D in one param group: the rule and its full hyperparameters (M's with lr)."""
-
-    rule: type[Rule]
-    hyper: dict[str, Any]
-    names: tuple[str, ...]
-    keys: set[str]
-
-    @classmethod
-    def of(cls, spec: dict[str, Any], lr: float | None = None) -> Role:
-        rule = specs.rule_of(spec)
-        hyper = dict(spec) if lr is None else {**spec, "lr": lr}
-        return cls(rule, hyper, tuple(rule.scalars(hyper, 1.0)), rule.state_keys(hyper))
-
-    def side(self, param: Tensor) -> Side:
-        return Side(self.rule, self.names, self.rule.flags(self.hyper, param))
 
 
 @dataclass
@@ -144,76 +118,55 @@ class Views:
     d_state: dict[str, Tensor]
 
 
-@dataclass
-class Item:
-    """One tensor's arguments to the graphs (or the native loops): flat views of its
-    weight, gradient and states, its roles' sides and step counts; `packed` scalars (for
-    the graphs) and `at` steps are set once the steps advanced. `parameter` is the
-    parameter itself (what StepNorms names)."""
+def signature(item: Item) -> tuple:
+    """What selects an item's graph: its sides, dtype, device and size class."""
+    return (
+        item.magnitude,
+        item.direction,
+        item.param.dtype,
+        item.param.device,
+        size_class(item.param.numel()),
+    )
 
-    parameter: Tensor
-    param: Tensor
-    grad: Tensor
-    m_state: dict[str, Tensor]
-    d_state: dict[str, Tensor]
-    m_role: Role
-    d_role: Role | None
-    magnitude: Side
-    direction: Side | None
-    steps: tuple[Tensor | None, Tensor | None]
-    eps: float
-    m_packed: Tensor | None = None
-    d_packed: Tensor | None = None
-    m_at: float | None = None  # the step counts at this step, once advanced
-    d_at: float | None = None
-    native: bool = False  # stepped by the hand-written CPU loops (graft/optim/native)
 
-    def signature(self) -> tuple:
-        """What selects a graph: the sides, dtype, device and size class."""
-        return (
-            self.magnitude,
-            self.direction,
-            self.param.dtype,
-            self.param.device,
-            size_class(self.param.numel()),
-        )
+def graph_arguments(item: Item) -> tuple:
+    """The item as tensor_step's (and norms_pass's) arguments."""
+    return (
+        item.param,
+        item.grad,
+        item.m_state,
+        item.d_state,
+        item.m_packed,
+        item.d_packed,
+        item.magnitude,
+        item.direction,
+        item.eps,
+    )
 
-    def arguments(self) -> tuple:
-        return (
-            self.param,
-            self.grad,
-            self.m_state,
-            self.d_state,
-            self.m_packed,
-            self.d_packed,
-            self.magnitude,
-            self.direction,
-            self.eps,
-        )
 
-    def scratch(self) -> Item:
-        """This item over a few elements of fresh memory, of its size class: compiling on
-        it first leaves the real tensors untouched if compiling fails."""
-        size = min(self.param.numel(), SCRATCH_NUMEL[size_class(self.param.numel())])
+def scratch(item: Item) -> Item:
+    """The item over a few elements of fresh memory, of its size class: compiling on it
+    first leaves the real tensors untouched if compiling fails."""
+    size = min(item.param.numel(), SCRATCH_NUMEL[size_class(item.param.numel())])
 
-        def copy(tensor: Tensor) -> Tensor:
-            return tensor[:size].clone()
+    def copy(tensor: Tensor) -> Tensor:
+        return tensor[:size].clone()
 
-        return Item(
-            self.parameter,
-            copy(self.param),
-            copy(self.grad),
-            {key: copy(value) for key, value in self.m_state.items()},
-            {key: copy(value) for key, value in self.d_state.items()},
-            self.m_role,
-            self.d_role,
-            self.magnitude,
-            self.direction,
-            self.steps,
-            self.eps,
-            pack(self.m_role, 1.0, self.param),
-            None if self.d_role is None else pack(self.d_role, 1.0, self.param),
-        )
+    return Item(
+        item.parameter,
+        copy(item.param),
+        copy(item.grad),
+        {key: copy(value) for key, value in item.m_state.items()},
+        {key: copy(value) for key, value in item.d_state.items()},
+        item.m_role,
+        item.d_role,
+        item.magnitude,
+        item.direction,
+        item.steps,
+        item.eps,
+        pack(item.m_role, 1.0, item.param),
+        None if item.d_role is None else pack(item.d_role, 1.0, item.param),
+    )
 
 
 # The sizes inductor specializes on (0 and 1; sums of more than 4,096 values cascade), and
@@ -228,9 +181,11 @@ def size_class(numel: int) -> int | str:
 
 
 def pack(role: Role, step: float, param: Tensor) -> Tensor:
-    """The role's scalars at `step`, as one tensor of the update's precision."""
+    """The role's scalars at `step`, as one tensor of the update's precision, in the
+    order of `role.names` (what the graph unpacks them by)."""
     dtype = torch.promote_types(param.dtype, torch.float32)
-    values = list(role.rule.scalars(role.hyper, step).values())
+    scalars = role.scalars(step)
+    values = [scalars[name] for name in role.names]
     return torch.tensor(values, dtype=dtype, device=param.device)
 
 
@@ -281,7 +236,7 @@ class CompiledStep:
         self.norms_pass = torch.compile(norms_pass, **options)
         self.apply_pass = torch.compile(apply_pass, **options)
 
-    def step(self, graft: Graft) -> StepNorms | None:
+    def step(self, graft: GraftLike) -> StepNorms | None:
         if self.failed is not None:
             return None
         items = self.items(graft)
@@ -293,45 +248,48 @@ class CompiledStep:
             return None
         new: dict[tuple, Item] = {}  # one graph item per signature not compiled yet
         for item in items:
-            if not item.native and (signature := item.signature()) not in self.compiled:
-                new.setdefault(signature, item)
+            if not item.native and (key := signature(item)) not in self.compiled:
+                new.setdefault(key, item)
         if new and not self.compile(list(new.values())):
             return None
         pack_scalars(items)
-        batches = native.batches((i, item) for i, item in enumerate(items) if item.native)
+        calls = native.calls((i, item) for i, item in enumerate(items) if item.native)
         graphs = [(i, item) for i, item in enumerate(items) if not item.native]
         if self.granularity == "global" and graft.grafting():
-            parts = self.run_global(batches, graphs)
+            parts = self.run_global(calls, graphs)
         else:
-            parts = [Part.of_batch(batch, batch.advance(apply=True)) for batch in batches]
+            parts = [Part.of_call(call, call.step()) for call in calls]
             if graphs:
-                norms = [self.tensor_step(*item.arguments()) for _, item in graphs]
+                norms = [self.tensor_step(*graph_arguments(item)) for _, item in graphs]
                 parts.append(Part.of_graphs(graphs, norms))
         self.steps += 1
         self.tensor_steps["native"] += len(items) - len(graphs)
         self.tensor_steps["graph"] += len(graphs)
         return gather(items, parts)
 
-    def run_global(self, batches: list[native.Batch], graphs: list[tuple[int, Item]]) -> list[Part]:
+    def run_global(
+        self, calls: list[native.LoopCall], graphs: list[tuple[int, Item]]
+    ) -> list[Part]:
         """Both passes of global grafting: every norm, then every weight moves."""
-        parts = [Part.of_batch(batch, batch.advance(apply=False)) for batch in batches]
+        parts = [Part.of_call(call, call.advance()) for call in calls]
         if graphs:
-            norms = [self.norms_pass(*item.arguments()) for _, item in graphs]
+            norms = [self.norms_pass(*graph_arguments(item)) for _, item in graphs]
             parts.append(Part.of_graphs(graphs, norms))
         if not parts:
             return parts
-        device = graphs[0][1].param.device if graphs else batches[0].params[0].device
+        device = graphs[0][1].param.device if graphs else calls[0].params[0].device
         total_m, total_d = (
             torch.linalg.vector_norm(
                 torch.cat([getattr(part, side).to(device, torch.float64) for part in parts])
             )
             for side in ("magnitude", "direction")
         )
-        ratios: dict[float, Tensor] = {}  # the global ‖u_M‖ / (‖u_D‖ + eps) per eps
-        for eps in {batch.eps for batch in batches} | {item.eps for _, item in graphs}:
-            ratios[eps] = total_m / (total_d + eps)
-        for batch in batches:
-            batch.apply(ratios[batch.eps].item())
+        ratios: dict[float, Tensor] = {}  # the global ratio per eps
+        for eps in {call.eps for call in calls} | {item.eps for _, item in graphs}:
+            ratios[eps] = grafting_ratio(total_m, total_d, eps)
+        for call in calls:
+            ratio = ratios[call.eps].item()
+            call.apply(torch.full((len(call.params),), ratio, dtype=torch.float64))
         for _, item in graphs:
             # in the norms' precision, as the graph was compiled (CompiledStep.compile)
             dtype = torch.promote_types(item.param.dtype, torch.float32)
@@ -356,7 +314,7 @@ class CompiledStep:
             stacklevel=7,  # the caller of optimizer.step()
         )
 
-    def items(self, graft: Graft) -> list[Item] | None:
+    def items(self, graft: GraftLike) -> list[Item] | None:
         """Every tensor with a gradient, as graph arguments; None if the step must be eager."""
         items = []
         for group in graft.param_groups:
@@ -437,27 +395,22 @@ class CompiledStep:
     def compile(self, items: list[Item]) -> bool:
         """Compile each item's graphs on a scratch copy; False (and a warning) on failure."""
         for item in items:
-            scratch = item.scratch()
+            copy = scratch(item)
             try:
                 if self.granularity == "global" and item.direction is not None:
-                    self.norms_pass(*scratch.arguments())
+                    self.norms_pass(*graph_arguments(copy))
                     # the global ratio, in the norms' precision as in run_global
-                    dtype = torch.promote_types(scratch.param.dtype, torch.float32)
-                    one = scratch.param.new_ones((), dtype=dtype)
+                    dtype = torch.promote_types(copy.param.dtype, torch.float32)
+                    one = copy.param.new_ones((), dtype=dtype)
                     self.apply_pass(
-                        scratch.param,
-                        scratch.grad,
-                        scratch.d_state,
-                        scratch.d_packed,
-                        scratch.direction,
-                        one,
+                        copy.param, copy.grad, copy.d_state, copy.d_packed, copy.direction, one
                     )
                 else:
-                    self.tensor_step(*scratch.arguments())
+                    self.tensor_step(*graph_arguments(copy))
             except Exception as error:  # any failure to compile means: step eagerly
                 self.fail(reason(error))
                 return False
-            self.compiled.add(item.signature())
+            self.compiled.add(signature(item))
         return True
 
 
@@ -472,7 +425,7 @@ def pack_scalars(items: list[Item]) -> None:
     for item in items:
         item.m_at, item.d_at = (None if step is None else next(values) for step in item.steps)
         if item.native:
-            continue  # the native loops take the scalars as float64 rows (native.batches)
+            continue  # the native loops take the scalars as float64 rows (native.calls)
         item.m_packed = cached_pack(cache, item.m_role, item.m_at, item.param)
         if item.d_role is not None:
             item.d_packed = cached_pack(cache, item.d_role, item.d_at, item.param)
@@ -494,8 +447,8 @@ class Part:
     direction: Tensor
 
     @classmethod
-    def of_batch(cls, batch: native.Batch, norms: Tensor) -> Part:
-        return cls(batch.indices, norms[:, 0], norms[:, 1])
+    def of_call(cls, call: native.LoopCall, norms: Tensor) -> Part:
+        return cls(call.indices, norms[:, 0], norms[:, 1])
 
     @classmethod
     def of_graphs(cls, graphs: list[tuple[int, Item]], norms: list[tuple[Tensor, Tensor]]):

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from graft.optim import spec as specs
 from graft.optim.black_box import BlackBoxStep
+from graft.optim.combine import grafting_ratio
 from graft.optim.compiled import CompiledStep
 from graft.optim.update import StepNorms, apply_update, update_norms
 
@@ -215,7 +216,7 @@ class Graft(torch.optim.Optimizer):
                 norms_d = update_norms(update)
                 direction_norms.append(norms_d)
                 if self.granularity == "tensor":
-                    scales = norms_m / (norms_d + group["eps"])
+                    scales = grafting_ratio(norms_m, norms_d, group["eps"])
                     apply_update(params, update, list(scales.unbind()))
                 else:
                     second_pass.append((group, params, grads, states))
@@ -229,7 +230,7 @@ class Graft(torch.optim.Optimizer):
             for group, params, grads, states in second_pass:
                 rule = specs.rule_of(group["direction"])
                 update = rule.step(params, grads, states, group["direction"], advance=False)
-                scale = total_m / (total_d + group["eps"])
+                scale = grafting_ratio(total_m, total_d, group["eps"])
                 apply_update(params, update, [scale] * len(params))
                 del update
         return StepNorms(norm_params, magnitude, direction)

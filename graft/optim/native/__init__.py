@@ -1,10 +1,16 @@
-"""Graft's compiled CPU step in hand-written loops (fused_step.cpp), for SGD, Adam, AdamW
-and AdaGrad: the rules whose update is pointwise.
+"""Graft's compiled CPU step in hand-written loops (loops.cpp), for SGD, Adam, AdamW and
+AdaGrad: the rules whose update is pointwise.
 
 Inductor's loops for a grafted step compute each update twice and cannot keep the
 states' stores in the loop that sums the norms (docs/benchmarks.md). These loops do:
-the first advances both states and sums both updates' squares, block by block while the
-gradient's block is in cache; the second adds the grafted update from D's advanced state.
+`advance` advances both states and sums both updates' squares, block by block while the
+gradient's block is in cache, and returns the norms; `apply` adds each tensor's update
+scaled by its grafting ratio (graft/optim/combine.py), from D's advanced state.
+
+The loops read each rule's scalars and flags by the names loops.cpp declares next to
+them; `loop_names` checks those names against the Python rules' `scalars` and `flags` on
+first use and raises LoopNamesError on any difference, and the rows sent to the loops are
+built by name, so no order is shared between the two languages.
 
 torch.utils.cpp_extension builds the source once per machine, with the vector
 instructions torch detects on this CPU, into TORCH_EXTENSIONS_DIR (by default
@@ -22,18 +28,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from graft.optim.compiled import Item, Role, Side
+from graft.optim.combine import grafting_ratio
+from graft.optim.compiled_items import Item, Role, Side
+from graft.optim.rules import RULES, Rule
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("fused_step.cpp")
-# Rule name -> (the loops in fused_step.cpp, the state it reads, in the loops' order).
+SOURCE = Path(__file__).with_name("loops.cpp")
+# Rule name -> (the loops in loops.cpp, the state it reads, in the loops' order).
 ADAM_LOOPS = ("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
 LOOPS = {
     "sgd": ("sgd", ("momentum_buffer",)),
@@ -41,6 +48,8 @@ LOOPS = {
     "adamw": ADAM_LOOPS,  # AdamW is Adam with its decoupled-decay flag set
     "adagrad": ("adagrad", ("sum", "momentum_buffer")),
 }
+# The flag the loops take apart from the rule's others: the gradient's sign.
+SIGN_FLAG = "maximize"
 DTYPES = (torch.float32, torch.float64)
 # Vector instructions per CPU capability torch reports (torch.backends.cpu).
 VECTOR_FLAGS = {
@@ -67,9 +76,9 @@ def extension() -> ModuleType:
     # instructions it lacks, nor one environment's build to another (or rebuilds in turn).
     install = f"{torch.__version__} {Path(torch.__file__).parent}"
     key = hashlib.sha256(install.encode()).hexdigest()[:8]
-    log.info("loading Graft's fused CPU step (built once per machine, about 12 s)")
+    log.info("loading Graft's native CPU loops (built once per machine, about 12 s)")
     return cpp_extension.load(
-        name=f"graft_fused_step_{capability.lower()}_{key}",
+        name=f"graft_native_loops_{capability.lower()}_{key}",
         sources=[str(SOURCE)],
         # no errno from sqrt: it would keep the loops from vectorizing
         extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *VECTOR_FLAGS.get(capability, [])],
@@ -79,11 +88,16 @@ def extension() -> ModuleType:
 
 @torch.compiler.disable  # under torch.compile(opt.step): a build, not a graph to trace
 def build() -> str | None:
-    """Build or load the loops; None if they are ready, else why not (one line)."""
+    """Build or load the loops; None if they are ready, else why not (one line).
+
+    Raises LoopNamesError if the loops and the Python rules disagree on a name: a bug to
+    fix, not a machine to fall back to eager steps on.
+    """
     try:
         extension()
     except Exception as error:  # any failure to build means: step eagerly
         return failure(error)
+    loop_names()
     return None
 
 
@@ -97,6 +111,50 @@ def failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}"
 
 
+class LoopNamesError(RuntimeError):
+    """The native loops and a Python rule name its scalars or flags differently."""
+
+
+@dataclass(frozen=True)
+class LoopNames:
+    """What one rule's loops read, as loops.cpp declares it: `scalars`, the row they take
+    per tensor, in order; `ignored`, the rule's scalars they do not read; `flags`, their
+    compile-time choices, in order (the rule's SIGN_FLAG comes apart)."""
+
+    scalars: tuple[str, ...]
+    ignored: tuple[str, ...]
+    flags: tuple[str, ...]
+
+
+@functools.cache
+def loop_names() -> dict[str, LoopNames]:
+    """Each loop's names (from the built loops), checked against every rule in LOOPS."""
+    declared = {
+        loops: LoopNames(*(tuple(names) for names in lists))
+        for loops, lists in extension().names().items()
+    }
+    for name, (loops, _) in LOOPS.items():
+        check_names(RULES[name], declared[loops])
+    return declared
+
+
+def check_names(rule: type[Rule], names: LoopNames) -> None:
+    """Raise LoopNamesError unless the rule's scalars are exactly those the loops read or
+    ignore, and its flags those they take (the names do not depend on the values)."""
+    hyper = dict(rule.defaults)
+    for what, python, native in (
+        ("scalars", set(rule.scalars(hyper, 1.0)), {*names.scalars, *names.ignored}),
+        ("flags", set(rule.flags(hyper, torch.empty(0))), {*names.flags, SIGN_FLAG}),
+    ):
+        if python != native:
+            raise LoopNamesError(
+                f"the native loops for '{rule.name}' ({SOURCE.name}) read {what} "
+                f"{sorted(native)}, {rule.__name__}.{what} gives {sorted(python)} "
+                f"(missing from the rule: {sorted(native - python)}; unknown to the loops: "
+                f"{sorted(python - native)}); rename one side to match the other"
+            )
+
+
 def takes(item: Item) -> bool:
     """Whether these loops step this tensor."""
     return (
@@ -108,9 +166,10 @@ def takes(item: Item) -> bool:
 
 
 @dataclass
-class Batch:
-    """Tensors stepped by one call: the same rules' flags, dtype and eps. `indices` are
-    their positions in the step's items."""
+class LoopCall:
+    """Tensors the loops step in one call: the same rules' flags, dtype and eps. `indices`
+    are their positions in the step's items; `magnitude` and `direction` are the sides as
+    loops.cpp takes them (`side`)."""
 
     indices: list[int]
     params: list[Tensor]
@@ -119,19 +178,31 @@ class Batch:
     direction: tuple | None
     eps: float
 
-    def advance(self, apply: bool) -> Tensor:
-        """Advance both states; with `apply`, also add each tensor's grafted update (or
-        M's without a direction). Returns ‖u_M‖ and ‖u_D‖ per tensor, float64 [n, 2]."""
-        return extension().advance(
-            self.params, self.grads, self.magnitude, self.direction, self.eps, apply
-        )
+    @torch.compiler.disable  # under torch.compile(opt.step): calls into C++, not graphs
+    def advance(self) -> Tensor:
+        """Advance both states; ‖u_M‖ and ‖u_D‖ per tensor, float64 [n, 2] on the CPU."""
+        return extension().advance(self.params, self.grads, self.magnitude, self.direction)
 
-    def apply(self, ratio: float) -> None:
-        """Add ratio · u_D to each tensor, u_D from D's advanced state."""
-        extension().apply(self.params, self.grads, self.direction, ratio)
+    @torch.compiler.disable
+    def apply(self, ratios: Tensor) -> None:
+        """Add ratios[i] · u_D to tensor i (u_M without a direction), u recomputed from the
+        advanced state. ratios: float64 [n] on the CPU."""
+        side = self.magnitude if self.direction is None else self.direction
+        extension().apply(self.params, self.grads, side, ratios)
+
+    def step(self) -> Tensor:
+        """Per-tensor grafting (or M alone): advance, then add each tensor's grafted update.
+        Returns the norms, as `advance`."""
+        norms = self.advance()
+        if self.direction is None:
+            self.apply(torch.ones(len(self.params), dtype=torch.float64))
+        else:
+            self.apply(grafting_ratio(norms[:, 0], norms[:, 1], self.eps))
+        return norms
 
 
-def batches(items: Iterable[tuple[int, Item]]) -> list[Batch]:
+@torch.compiler.disable  # host work: rows of scalars for the loops
+def calls(items: Iterable[tuple[int, Item]]) -> list[LoopCall]:
     """The (position, item) pairs grouped into calls; items' step counts already advanced."""
     groups: dict[tuple, list[tuple[int, Item]]] = {}
     for index, item in items:
@@ -142,7 +213,7 @@ def batches(items: Iterable[tuple[int, Item]]) -> list[Batch]:
     for (magnitude, direction, _, eps), members in groups.items():
         chosen = [item for _, item in members]
         out.append(
-            Batch(
+            LoopCall(
                 [index for index, _ in members],
                 [item.param for item in chosen],
                 [item.grad for item in chosen],
@@ -157,15 +228,25 @@ def batches(items: Iterable[tuple[int, Item]]) -> list[Batch]:
 
 
 def side(shared: Side, members: list[tuple[Role, dict[str, Tensor], Any]], rows: dict) -> tuple:
-    """One role over a batch, as fused_step.cpp takes it: (loops, flags, states, scalars).
-    shared: the rule and flags of every member; members: each tensor's role (for its
-    hyperparameters), state views and step count; rows: scalar rows computed so far."""
+    """One role over a call, as loops.cpp takes it: (loops, flags, maximize, states,
+    scalars), flags and scalars by the loops' names. shared: the rule and flags of every
+    member; members: each tensor's role (for its hyperparameters), state views and step
+    count; rows: scalar rows computed so far."""
     loops, order = LOOPS[shared.rule.name]
+    names = loop_names()[loops]
+    flags = dict(shared.flags)
     states = [state[key] for _, state, _ in members for key in order if key in state]
     scalars = []
     for role, _, step in members:
         key = (id(role), step)
         if key not in rows:
-            rows[key] = list(role.rule.scalars(role.hyper, 1.0 if step is None else step).values())
+            values = role.scalars(step)
+            rows[key] = [values[name] for name in names.scalars]
         scalars.append(rows[key])
-    return loops, list(shared.flags), states, torch.tensor(scalars, dtype=torch.float64)
+    return (
+        loops,
+        [flags[name] for name in names.flags],
+        flags[SIGN_FLAG],
+        states,
+        torch.tensor(scalars, dtype=torch.float64),
+    )

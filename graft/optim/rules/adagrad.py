@@ -8,6 +8,7 @@ from torch import Tensor
 from graft.optim.rules.base import (
     NON_NEGATIVE,
     POSITIVE,
+    Flags,
     Hyper,
     Rule,
     Variant,
@@ -75,8 +76,12 @@ class Adagrad(Rule):
         return state
 
     @classmethod
-    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
-        return hyper["momentum"] != 0, hyper["weight_decay"] != 0, hyper["maximize"]
+    def flags(cls, hyper: Hyper, param: Tensor) -> Flags:
+        return {
+            "momentum": hyper["momentum"] != 0,
+            "decay": hyper["weight_decay"] != 0,
+            "maximize": hyper["maximize"],
+        }
 
     @classmethod
     def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
@@ -89,10 +94,10 @@ class Adagrad(Rule):
 
     @classmethod
     def pointwise(cls, param, grad, state, s, flags, advance):
-        momentum, decay, maximize = flags
+        momentum = flags["momentum"]
         if momentum and not advance:
             return state["momentum_buffer"], s["coeff"]
-        grad = effective_grad(param, grad, s, maximize, decay)
+        grad = effective_grad(param, grad, s, flags["maximize"], flags["decay"])
         if advance:
             state["sum"].add_(grad * grad)
         direction = grad / (state["sum"].sqrt() + s["eps"])

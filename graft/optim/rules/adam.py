@@ -11,6 +11,7 @@ from graft.optim.rules.base import (
     BETAS,
     NON_NEGATIVE,
     POSITIVE,
+    Flags,
     Hyper,
     Rule,
     Variant,
@@ -71,10 +72,15 @@ class Adam(Rule):
         return hyper["decoupled_weight_decay"]
 
     @classmethod
-    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
+    def flags(cls, hyper: Hyper, param: Tensor) -> Flags:
         decoupled = cls.decoupled(hyper)
         decay = hyper["weight_decay"] != 0
-        return hyper["amsgrad"], decoupled and decay, decay and not decoupled, hyper["maximize"]
+        return {
+            "amsgrad": hyper["amsgrad"],
+            "decoupled_decay": decoupled and decay,
+            "decay": decay and not decoupled,
+            "maximize": hyper["maximize"],
+        }
 
     @classmethod
     def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
@@ -88,17 +94,17 @@ class Adam(Rule):
 
     @classmethod
     def pointwise(cls, param, grad, state, s, flags, advance):
-        amsgrad, decoupled_decay, decay, maximize = flags
+        amsgrad = flags["amsgrad"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if advance:
-            grad = effective_grad(param, grad, s, maximize, decay)
+            grad = effective_grad(param, grad, s, flags["maximize"], flags["decay"])
             advance_moments(exp_avg, exp_avg_sq, grad, s)
             if amsgrad:
                 state["max_exp_avg_sq"].copy_(torch.maximum(state["max_exp_avg_sq"], exp_avg_sq))
         if amsgrad:
             exp_avg_sq = state["max_exp_avg_sq"]
         direction = exp_avg / (exp_avg_sq.sqrt() + s["eps"])
-        if decoupled_decay:
+        if flags["decoupled_decay"]:
             return direction * s["coeff"] + param * s["decoupled_decay"], torch.ones_like(s["eps"])
         return direction, s["coeff"]
 

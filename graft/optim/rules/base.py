@@ -23,6 +23,7 @@ from torch import Tensor
 from graft.optim.update import Update
 
 Hyper = dict[str, Any]
+Flags = dict[str, bool]
 
 
 @dataclass(frozen=True)
@@ -113,14 +114,17 @@ class Rule:
         return set(cls.init_state(torch.empty(0, device="meta"), hyper))
 
     @classmethod
-    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
-        """The choices `pointwise` branches on (a compiled graph per distinct value); they
-        may depend on the tensor through its number of dimensions only."""
-        return ()
+    def flags(cls, hyper: Hyper, param: Tensor) -> Flags:
+        """The choices `pointwise` branches on, by name (a compiled graph per distinct
+        value); they may depend on the tensor through its number of dimensions only. The
+        names are the same whatever the values: the native loops read them by name."""
+        return {}
 
     @classmethod
     def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
-        """The floats `pointwise` reads at this step (after the step count advanced)."""
+        """The floats `pointwise` reads at this step (after the step count advanced), by
+        name; the names are the same whatever the values (the native loops read them by
+        name, graft/optim/native)."""
         return {}
 
     @classmethod
@@ -130,7 +134,7 @@ class Rule:
         grad: Tensor,
         state: dict[str, Tensor],
         s: dict[str, Tensor],
-        flags: tuple[bool, ...],
+        flags: Flags,
         advance: bool,
     ) -> tuple[Tensor, Tensor]:
         """`step` for one tensor as traceable math: (tensor, coefficient), the update being

@@ -12,6 +12,7 @@ from graft.optim.rules.base import (
     BETAS,
     NON_NEGATIVE,
     POSITIVE,
+    Flags,
     Hyper,
     Rule,
     Variant,
@@ -61,8 +62,8 @@ class LAMB(Rule):
         }
 
     @classmethod
-    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
-        return hyper["weight_decay"] != 0, hyper["skip_1d"] and param.ndim <= 1
+    def flags(cls, hyper: Hyper, param: Tensor) -> Flags:
+        return {"decay": hyper["weight_decay"] != 0, "skip": hyper["skip_1d"] and param.ndim <= 1}
 
     @classmethod
     def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
@@ -74,14 +75,13 @@ class LAMB(Rule):
 
     @classmethod
     def pointwise(cls, param, grad, state, s, flags, advance):
-        decay, skip = flags
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if advance:
             advance_moments(exp_avg, exp_avg_sq, grad, s)
         ratio = exp_avg / (exp_avg_sq.sqrt() + s["eps"]) * s["correction"]
-        if decay:
+        if flags["decay"]:
             ratio = ratio + param * s["weight_decay"]
-        if skip:
+        if flags["skip"]:
             return ratio, s["coeff"]
         weight_norm, ratio_norm = norm(param), norm(ratio)
         valid = (weight_norm > 0) & (ratio_norm > 0)

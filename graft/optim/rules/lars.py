@@ -8,6 +8,7 @@ from torch import Tensor
 from graft.optim.rules.base import (
     NON_NEGATIVE,
     POSITIVE,
+    Flags,
     Hyper,
     Rule,
     Variant,
@@ -71,9 +72,12 @@ class LARS(Rule):
         return {"momentum_buffer": zeros(param)}
 
     @classmethod
-    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
-        skip = hyper["skip_1d"] and param.ndim <= 1
-        return hyper["momentum"] != 0, hyper["weight_decay"] != 0, skip
+    def flags(cls, hyper: Hyper, param: Tensor) -> Flags:
+        return {
+            "momentum": hyper["momentum"] != 0,
+            "decay": hyper["weight_decay"] != 0,
+            "skip": hyper["skip_1d"] and param.ndim <= 1,
+        }
 
     @classmethod
     def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
@@ -88,17 +92,17 @@ class LARS(Rule):
 
     @classmethod
     def pointwise(cls, param, grad, state, s, flags, advance):
-        momentum, decay, skip = flags
+        momentum = flags["momentum"]
         if momentum and not advance:
             return state["momentum_buffer"], -torch.ones_like(s["lr"])
-        if skip:
+        if flags["skip"]:
             trust = torch.ones_like(s["lr"])
         else:
             weight_norm, grad_norm = norm(param), norm(grad)
             ratio = s["trust_coefficient"] * weight_norm
             ratio = ratio / (grad_norm + s["weight_decay"] * weight_norm + s["eps"])
             trust = torch.where((weight_norm > 0) & (grad_norm > 0), ratio, 1.0).to(s["lr"])
-        grad = effective_grad(param, grad, s, False, decay)
+        grad = effective_grad(param, grad, s, False, flags["decay"])
         if not momentum:
             return grad, trust * s["coeff"]
         buffer = state["momentum_buffer"]

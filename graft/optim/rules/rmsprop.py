@@ -9,6 +9,7 @@ from graft.optim.rules.base import (
     NON_NEGATIVE,
     POSITIVE,
     UNIT_INTERVAL,
+    Flags,
     Hyper,
     Rule,
     Variant,
@@ -64,9 +65,13 @@ class RMSprop(Rule):
         return state
 
     @classmethod
-    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
-        momentum, centered = hyper["momentum"] > 0, hyper["centered"]
-        return momentum, centered, hyper["weight_decay"] != 0, hyper["maximize"]
+    def flags(cls, hyper: Hyper, param: Tensor) -> Flags:
+        return {
+            "momentum": hyper["momentum"] > 0,
+            "centered": hyper["centered"],
+            "decay": hyper["weight_decay"] != 0,
+            "maximize": hyper["maximize"],
+        }
 
     @classmethod
     def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
@@ -81,14 +86,14 @@ class RMSprop(Rule):
 
     @classmethod
     def pointwise(cls, param, grad, state, s, flags, advance):
-        momentum, centered, decay, maximize = flags
+        momentum = flags["momentum"]
         if momentum and not advance:
             return state["momentum_buffer"], s["coeff"]
-        grad = effective_grad(param, grad, s, maximize, decay)
+        grad = effective_grad(param, grad, s, flags["maximize"], flags["decay"])
         square_avg = state["square_avg"]
         if advance:
             square_avg.mul_(s["alpha"]).add_(grad * grad * s["alpha_weight"])
-        if centered:
+        if flags["centered"]:
             grad_avg = state["grad_avg"]
             if advance:
                 grad_avg.lerp_(grad, s["alpha_weight"])

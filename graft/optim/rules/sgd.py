@@ -8,6 +8,7 @@ from torch import Tensor
 from graft.optim.rules.base import (
     NON_NEGATIVE,
     UNIT_INTERVAL,
+    Flags,
     Hyper,
     Rule,
     Variant,
@@ -63,9 +64,13 @@ class SGD(Rule):
         return {"momentum_buffer"} if hyper["momentum"] != 0 else set()
 
     @classmethod
-    def flags(cls, hyper: Hyper, param: Tensor) -> tuple[bool, ...]:
-        momentum, nesterov = hyper["momentum"] != 0, hyper["nesterov"]
-        return momentum, nesterov, hyper["weight_decay"] != 0, hyper["maximize"]
+    def flags(cls, hyper: Hyper, param: Tensor) -> Flags:
+        return {
+            "momentum": hyper["momentum"] != 0,
+            "nesterov": hyper["nesterov"],
+            "decay": hyper["weight_decay"] != 0,
+            "maximize": hyper["maximize"],
+        }
 
     @classmethod
     def scalars(cls, hyper: Hyper, step: float) -> dict[str, float]:
@@ -78,14 +83,13 @@ class SGD(Rule):
 
     @classmethod
     def pointwise(cls, param, grad, state, s, flags, advance):
-        momentum, nesterov, decay, maximize = flags
-        grad = effective_grad(param, grad, s, maximize, decay)
-        if not momentum:
+        grad = effective_grad(param, grad, s, flags["maximize"], flags["decay"])
+        if not flags["momentum"]:
             return grad, s["coeff"]
         buffer = state["momentum_buffer"]
         if advance:  # the first step, which starts the buffer at g', runs eagerly
             buffer.mul_(s["momentum"]).add_(grad * s["undamped"])
-        if nesterov:
+        if flags["nesterov"]:
             return grad + buffer * s["momentum"], s["coeff"]
         return buffer, s["coeff"]
 

@@ -2,11 +2,18 @@
 // Adam / AdamW and AdaGrad (graft/optim/rules, the same math as their `pointwise` form).
 //
 // One call steps a list of tensors whose rules share their flags and dtype. Per tensor,
-// the first loop advances both rules' states and sums the squares of both updates, block
-// by block: M's rule, then D's, over the same block of the gradient while it is in cache.
-// The second loop adds the scaled update of D (of M without a direction), recomputed from
-// the advanced state. That is the least memory traffic a grafted step can have without a
-// temporary: adam#sgd reads g, m, v, b and writes m, v, b, then reads w, b and writes w.
+// `advance` advances both rules' states and sums the squares of both updates, block by
+// block: M's rule, then D's, over the same block of the gradient while it is in cache. It
+// returns the norms; Python turns them into the grafting ratio (graft/optim/combine.py:
+// the formula lives there alone), and `apply` adds ratio times the update of D (of M
+// without a direction), recomputed from the advanced state. That is the least memory
+// traffic a grafted step can have without a temporary: adam#sgd reads g, m, v, b and
+// writes m, v, b, then reads w, b and writes w.
+//
+// Each rule declares the names of the scalars and flags it reads (`Names` below); its
+// loops read them by name, and Python sends them in that order by name after checking the
+// names against the Python rule's (graft/optim/native/__init__.py), so neither side
+// depends on the other's order.
 //
 // Each block's sum of squares is accumulated in double (advance_range), and the blocks'
 // sums are added in block order, so the norms do not depend on the number of threads.
@@ -17,9 +24,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <array>
 #include <cmath>
+#include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -30,8 +40,8 @@ namespace {
 constexpr int64_t kBlock = 16384;
 constexpr int kMaxStates = 3;
 
-// One rule on one tensor: its arrays, its scalars (in the order of the Python rule's
-// `scalars`), the sign of the gradient (-1 when maximizing), and its loops.
+// One rule on one tensor: its arrays, its scalars (a row in the order of its `Names`), the
+// sign of the gradient (-1 when maximizing), and its loops.
 template <typename T>
 struct Side {
   T* param;
@@ -42,6 +52,30 @@ struct Side {
   double coeff;  // the update is coeff times the rule's tensor
   double (*advance)(const Side&, int64_t begin, int64_t end);
   void (*apply)(const Side&, T scale, int64_t begin, int64_t end);
+};
+
+template <size_t N>
+using NameList = std::array<std::string_view, N>;
+
+// The position of `name` in `names`; a name that is not there does not compile.
+template <size_t N>
+consteval int index_of(const NameList<N>& names, std::string_view name) {
+  for (size_t i = 0; i < N; ++i) {
+    if (names[i] == name) return int(i);
+  }
+  throw "not a declared name";  // reached at compile time: a compile error
+}
+
+// What a rule's loops read, by name, declared once here: `scalars`, the row Python sends
+// per tensor, in this order; `ignored`, the Python rule's scalars these loops do not read;
+// `flags`, the compile-time choices, in the order of the rule's template arguments (the
+// Python rule's "maximize" flag is passed apart, as the gradient's sign). A rule reads a
+// scalar by name, as `scalars[at("name")]`.
+template <size_t S, size_t I, size_t F>
+struct Names {
+  NameList<S> scalars;
+  NameList<I> ignored;
+  NameList<F> flags;
 };
 
 // The gradient a rule sees: negated when maximizing, plus L2 weight decay.
@@ -63,23 +97,26 @@ inline T lerp(T start, T end, T weight) {
 
 // Each rule: `advance(i)` moves the state at i and returns the rule's tensor there;
 // `value(i)` returns it again from the advanced state. Scalars and flags as in
-// graft/optim/rules/<rule>.py.
+// graft/optim/rules/<rule>.py, by name.
 
-// scalars: coeff, momentum, undamped (1 - dampening), weight_decay
+constexpr Names<4, 0, 3> kSGDNames{
+    {"coeff", "momentum", "undamped", "weight_decay"}, {}, {"momentum", "nesterov", "decay"}};
+
 template <typename T, bool Momentum, bool Nesterov, bool Decay>
 struct SGD {
-  static constexpr int kStates = Momentum ? 1 : 0;
-  static constexpr int kScalars = 4;
-  static double coeff(const double* s) { return s[0]; }
+  static constexpr auto kNames = kSGDNames;
+  static consteval int at(std::string_view name) { return index_of(kNames.scalars, name); }
+  static constexpr int kStates = Momentum ? 1 : 0;  // momentum_buffer
+  static double coeff(const double* s) { return s[at("coeff")]; }
 
   Side<T> side;
   T momentum, undamped, weight_decay;
   T* buffer;
   explicit SGD(const Side<T>& side)
       : side(side),
-        momentum(side.scalars[1]),
-        undamped(side.scalars[2]),
-        weight_decay(side.scalars[3]),
+        momentum(side.scalars[at("momentum")]),
+        undamped(side.scalars[at("undamped")]),
+        weight_decay(side.scalars[at("weight_decay")]),
         buffer(side.state[0]) {}
 
   T advance(int64_t i) const {
@@ -103,26 +140,33 @@ struct SGD {
   }
 };
 
-// scalars: beta1_weight, beta2, beta2_weight, eps, correction, coeff, weight_decay,
-// decoupled_decay. States: exp_avg, exp_avg_sq[, max_exp_avg_sq].
+// `correction` is folded into `coeff` by the Python rule.
+constexpr Names<7, 1, 3> kAdamNames{
+    {"beta1_weight", "beta2", "beta2_weight", "eps", "coeff", "weight_decay", "decoupled_decay"},
+    {"correction"},
+    {"amsgrad", "decoupled_decay", "decay"}};
+
 template <typename T, bool Amsgrad, bool Decoupled, bool Decay>
 struct Adam {
-  static constexpr int kStates = Amsgrad ? 3 : 2;
-  static constexpr int kScalars = 8;
-  static double coeff(const double* s) { return Decoupled ? 1.0 : s[5]; }
+  static constexpr auto kNames = kAdamNames;
+  static consteval int at(std::string_view name) { return index_of(kNames.scalars, name); }
+  static constexpr int kStates = Amsgrad ? 3 : 2;  // exp_avg, exp_avg_sq[, max_exp_avg_sq]
+  static double coeff(const double* s) {
+    return Decoupled ? 1.0 : s[at("coeff")];
+  }
 
   Side<T> side;
   T beta1_weight, beta2, beta2_weight, eps, coeff_, weight_decay, decoupled_decay;
   T *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
   explicit Adam(const Side<T>& side)
       : side(side),
-        beta1_weight(side.scalars[0]),
-        beta2(side.scalars[1]),
-        beta2_weight(side.scalars[2]),
-        eps(side.scalars[3]),
-        coeff_(side.scalars[5]),
-        weight_decay(side.scalars[6]),
-        decoupled_decay(side.scalars[7]),
+        beta1_weight(side.scalars[at("beta1_weight")]),
+        beta2(side.scalars[at("beta2")]),
+        beta2_weight(side.scalars[at("beta2_weight")]),
+        eps(side.scalars[at("eps")]),
+        coeff_(side.scalars[at("coeff")]),
+        weight_decay(side.scalars[at("weight_decay")]),
+        decoupled_decay(side.scalars[at("decoupled_decay")]),
         exp_avg(side.state[0]),
         exp_avg_sq(side.state[1]),
         max_exp_avg_sq(side.state[2]) {}
@@ -148,21 +192,24 @@ struct Adam {
   }
 };
 
-// scalars: coeff, eps, momentum, weight_decay. States: sum[, momentum_buffer].
+constexpr Names<4, 0, 2> kAdagradNames{
+    {"coeff", "eps", "momentum", "weight_decay"}, {}, {"momentum", "decay"}};
+
 template <typename T, bool Momentum, bool Decay>
 struct Adagrad {
-  static constexpr int kStates = Momentum ? 2 : 1;
-  static constexpr int kScalars = 4;
-  static double coeff(const double* s) { return s[0]; }
+  static constexpr auto kNames = kAdagradNames;
+  static consteval int at(std::string_view name) { return index_of(kNames.scalars, name); }
+  static constexpr int kStates = Momentum ? 2 : 1;  // sum[, momentum_buffer]
+  static double coeff(const double* s) { return s[at("coeff")]; }
 
   Side<T> side;
   T eps, momentum, weight_decay;
   T *sum, *buffer;
   explicit Adagrad(const Side<T>& side)
       : side(side),
-        eps(side.scalars[1]),
-        momentum(side.scalars[2]),
-        weight_decay(side.scalars[3]),
+        eps(side.scalars[at("eps")]),
+        momentum(side.scalars[at("momentum")]),
+        weight_decay(side.scalars[at("weight_decay")]),
         sum(side.state[0]),
         buffer(side.state[1]) {}
 
@@ -234,10 +281,11 @@ void with_flags(const Bind& bind, const std::vector<bool>& flags) {
   }
 }
 
-// A side as Python passes it: (rule, flags, states, scalars). flags: the Python rule's
-// `flags`, maximize last; states: each tensor's state arrays in turn; scalars: a float64
-// row of the rule's `scalars` per tensor.
-using PySide = std::tuple<std::string, std::vector<bool>, std::vector<at::Tensor>, at::Tensor>;
+// A side as Python passes it: (rule, flags, maximize, states, scalars). flags: the rule's
+// `Names::flags`, in that order; states: each tensor's state arrays in turn; scalars: a
+// float64 row per tensor, in the order of `Names::scalars`.
+using PySide =
+    std::tuple<std::string, std::vector<bool>, bool, std::vector<at::Tensor>, at::Tensor>;
 
 // Everything a side's loops need that is the same for every tensor of the call.
 template <typename T>
@@ -251,7 +299,7 @@ struct Binding {
   template <typename Rule>
   void bind() {
     states = Rule::kStates;
-    scalars = Rule::kScalars;
+    scalars = int(Rule::kNames.scalars.size());
     coeff = &Rule::coeff;
     advance = &advance_range<Rule, T>;
     apply = &apply_range<Rule, T>;
@@ -261,26 +309,22 @@ struct Binding {
 template <typename T>
 Binding<T> bind_rule(const std::string& rule, const std::vector<bool>& flags) {
   Binding<T> out;
-  TORCH_CHECK(!flags.empty(), rule, ": no flags (maximize comes last)");
-  const std::vector<bool> loop_flags(flags.begin(), flags.end() - 1);  // maximize: a sign
   auto need = [&](size_t count) {
-    TORCH_CHECK(flags.size() == count + 1, rule, " takes ", count + 1, " flags, got ",
-                flags.size());
+    TORCH_CHECK(flags.size() == count, rule, " takes ", count, " flags, got ", flags.size());
   };
   if (rule == "sgd") {
-    need(3);
+    need(kSGDNames.flags.size());
     with_flags<3>([&]<bool M, bool N, bool D>() { out.template bind<SGD<T, M, N, D>>(); },
-                  loop_flags);
+                  flags);
   } else if (rule == "adam") {
-    need(3);
+    need(kAdamNames.flags.size());
     with_flags<3>([&]<bool A, bool W, bool D>() { out.template bind<Adam<T, A, W, D>>(); },
-                  loop_flags);
+                  flags);
   } else if (rule == "adagrad") {
-    need(2);
-    with_flags<2>([&]<bool M, bool D>() { out.template bind<Adagrad<T, M, D>>(); },
-                  loop_flags);
+    need(kAdagradNames.flags.size());
+    with_flags<2>([&]<bool M, bool D>() { out.template bind<Adagrad<T, M, D>>(); }, flags);
   } else {
-    TORCH_CHECK(false, "no fused CPU loops for rule '", rule, "'");
+    TORCH_CHECK(false, "no native loops for rule '", rule, "'");
   }
   return out;
 }
@@ -300,8 +344,8 @@ struct Role {
   T sign;
 
   Role(const PySide& py, size_t count) : binding(binding_of(py)), py(py) {
-    const auto& [rule, flags, states, scalars] = py;
-    sign = flags.back() ? T(-1) : T(1);
+    const auto& [rule, flags, maximize, states, scalars] = py;
+    sign = maximize ? T(-1) : T(1);
     TORCH_CHECK(states.size() == count * binding.states, rule, ": ", states.size(),
                 " state tensors for ", count, " tensors");
     TORCH_CHECK(scalars.dtype() == at::kDouble && scalars.is_contiguous() &&
@@ -315,7 +359,7 @@ struct Role {
   }
 
   Side<T> side(size_t index, const at::Tensor& param, const at::Tensor& grad) const {
-    const auto& states = std::get<2>(py);
+    const auto& states = std::get<3>(py);
     Side<T> out{};
     out.param = param.data_ptr<T>();
     out.grad = grad.data_ptr<T>();
@@ -324,14 +368,13 @@ struct Role {
       check_like(state, param, "state");
       out.state[k] = state.data_ptr<T>();
     }
-    out.scalars = std::get<3>(py).data_ptr<double>() + index * binding.scalars;
+    out.scalars = std::get<4>(py).data_ptr<double>() + index * binding.scalars;
     out.sign = sign;
     out.coeff = binding.coeff(out.scalars);
     out.advance = binding.advance;
     out.apply = binding.apply;
     return out;
   }
-
 };
 
 // ‖u‖² of each side over one tensor, advancing the states.
@@ -378,7 +421,7 @@ void check_lists(const std::vector<at::Tensor>& params, const std::vector<at::Te
   TORCH_CHECK(!params.empty(), "no tensors to step");
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "fused CPU loops take float32 or float64, got ", dtype);
+              "native loops take float32 or float64, got ", dtype);
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].scalar_type() == dtype, "weights of mixed dtypes");
     check_like(params[i], params[i], "weight");
@@ -386,13 +429,12 @@ void check_lists(const std::vector<at::Tensor>& params, const std::vector<at::Te
   }
 }
 
-// mode "tensor": advance, then apply each tensor's grafted update (per-tensor grafting, or
-// M alone without a direction); "advance": advance only (global grafting's first pass).
-// Returns ‖u_M‖ and ‖u_D‖ per tensor, float64 [n, 2].
+// Advance both rules' states (M's alone without a direction) over every tensor. Returns
+// ‖u_M‖ and ‖u_D‖ per tensor, float64 [n, 2] (‖u_M‖ twice without a direction).
 template <typename T>
 at::Tensor advance_typed(const std::vector<at::Tensor>& params,
                          const std::vector<at::Tensor>& grads, const PySide& py_m,
-                         const std::optional<PySide>& py_d, double eps, bool apply) {
+                         const std::optional<PySide>& py_d) {
   const size_t count = params.size();
   const Role<T> m(py_m, count);
   std::optional<Role<T>> d;
@@ -405,56 +447,68 @@ at::Tensor advance_typed(const std::vector<at::Tensor>& params,
     if (d) side_d = d->side(i, params[i], grads[i]);
     const int64_t numel = params[i].numel();
     const auto [sum_m, sum_d] = advance_tensor(side_m, side_d ? &*side_d : nullptr, numel);
-    const double norm_m = std::sqrt(sum_m) * std::abs(side_m.coeff);
-    const double norm_d = side_d ? std::sqrt(sum_d) * std::abs(side_d->coeff) : norm_m;
-    out[2 * i] = norm_m;
-    out[2 * i + 1] = norm_d;
-    if (apply) {
-      if (side_d) {
-        apply_tensor(*side_d, norm_m / (norm_d + eps), numel);
-      } else {
-        apply_tensor(side_m, 1.0, numel);
-      }
-    }
+    out[2 * i] = std::sqrt(sum_m) * std::abs(side_m.coeff);
+    out[2 * i + 1] = side_d ? std::sqrt(sum_d) * std::abs(side_d->coeff) : out[2 * i];
   }
   return norms;
 }
 
 at::Tensor advance(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                   const PySide& m, const std::optional<PySide>& d, double eps, bool apply) {
+                   const PySide& m, const std::optional<PySide>& d) {
   check_lists(params, grads);
   if (params[0].scalar_type() == at::kDouble) {
-    return advance_typed<double>(params, grads, m, d, eps, apply);
+    return advance_typed<double>(params, grads, m, d);
   }
-  return advance_typed<float>(params, grads, m, d, eps, apply);
+  return advance_typed<float>(params, grads, m, d);
 }
 
-// Global grafting's second pass: w += ratio · u_D, u_D from D's advanced state.
+// w += ratios[i] · u per tensor, u recomputed from the side's advanced state.
 template <typename T>
 void apply_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                 const PySide& py_d, double ratio) {
-  const Role<T> d(py_d, params.size());
+                 const PySide& py, const double* ratios) {
+  const Role<T> role(py, params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    apply_tensor(d.side(i, params[i], grads[i]), ratio, params[i].numel());
+    apply_tensor(role.side(i, params[i], grads[i]), ratios[i], params[i].numel());
   }
 }
 
 void apply(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-           const PySide& d, double ratio) {
+           const PySide& side, const at::Tensor& ratios) {
   check_lists(params, grads);
+  TORCH_CHECK(ratios.device().is_cpu() && ratios.dtype() == at::kDouble &&
+                  ratios.is_contiguous() && ratios.dim() == 1 &&
+                  ratios.size(0) == int64_t(params.size()),
+              "ratios must be contiguous float64 of shape [", params.size(), "]");
+  const double* values = ratios.data_ptr<double>();
   if (params[0].scalar_type() == at::kDouble) {
-    apply_typed<double>(params, grads, d, ratio);
+    apply_typed<double>(params, grads, side, values);
   } else {
-    apply_typed<float>(params, grads, d, ratio);
+    apply_typed<float>(params, grads, side, values);
   }
+}
+
+template <size_t S, size_t I, size_t F>
+auto as_lists(const Names<S, I, F>& names) {
+  auto list = [](const auto& array) {
+    return std::vector<std::string>(array.begin(), array.end());
+  };
+  return std::make_tuple(list(names.scalars), list(names.ignored), list(names.flags));
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("advance", &advance, py::call_guard<py::gil_scoped_release>(),
-             "Advance both rules' states over the tensors and return their norms [n, 2]; "
-             "with apply, also add each tensor's grafted update.");
+             "Advance both rules' states over the tensors and return their norms [n, 2].");
   module.def("apply", &apply, py::call_guard<py::gil_scoped_release>(),
-             "Add ratio times D's update to each tensor (global grafting's second pass).");
+             "Add ratios[i] times the side's update, from its advanced state, to tensor i.");
+  module.def(
+      "names",
+      [] {
+        return std::map<std::string, decltype(as_lists(kSGDNames))>{
+            {"sgd", as_lists(kSGDNames)},
+            {"adam", as_lists(kAdamNames)},
+            {"adagrad", as_lists(kAdagradNames)}};
+      },
+      "Per rule: (scalars, ignored scalars, flags), the names the loops read.");
 }
