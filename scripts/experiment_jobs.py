@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -44,15 +44,11 @@ PLACEHOLDER_LR = 0.123
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
-    """A multirun's override list -> one override list per job (Hydra's basic sweeper)."""
-    choices = []
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if override.is_sweep_override():
-            key = override.input_line.partition("=")[0]
-            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-        else:
-            choices.append([override.input_line])
-    return [list(job) for job in itertools.product(*choices)]
+    """A multirun's override list -> one override list per job, as Hydra's basic sweeper makes
+    them (its own function: a later line of the same key replaces an earlier one)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    (jobs,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return jobs
 
 
 def recorder(root: Path, calls: list[dict[str, Any]]):

@@ -49,8 +49,9 @@ def refuse_two_sources(
 
     UserError (one line naming both) when an override sets `<role>.<key>` (magnitude.lr=0.3)
     while the table sets `<key>` for an optimizer that takes that role in the run (in_role:
-    role -> those optimizers; a grid's: every M, every D). Either would silently lose to the
-    other; the user picks one. table_in says where the table was written, for the message.
+    role -> those optimizers; a grid's: every M, every D). Either would leave the
+    other unseen; the user picks one. table_in says where the table was written, for the
+    message.
     """
     for line in overrides:
         role, _, key = line.partition("=")[0].lstrip("+~").partition(".")
@@ -61,8 +62,8 @@ def refuse_two_sources(
             if key in (table.get(name) or {}):
                 raise UserError(
                     f"{line} and optimizers.{name}.{key} ({table_in}) both set {name}'s {key} "
-                    f"as {role}; set it once: drop {role}.{key}=... to keep the table's value "
-                    f"(every cell where {name} runs), or drop optimizers.{name}.{key}"
+                    f"as {role}; set it once: in the table (optimizers.{name}.{key}=VALUE, "
+                    f"wherever {name} runs) or as {role}.{key} without a table entry for it"
                 )
 
 
