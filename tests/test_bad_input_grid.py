@@ -297,6 +297,65 @@ CASES: list[tuple[str, str, Setup]] = [
         "unknown study kind",
         lambda c: ([c.experiment(CAT + "study: {kind: statik}\n")], "'statik'"),
     ),
+    # --- a base an experiment extends, a tuning record it reads
+    (
+        "graft-grid",
+        "extends a base that is not there",
+        lambda c: ([c.variant("task: digits_resnet", "extends: base/none.yaml")], "base/none.yaml"),
+    ),
+    (
+        "graft-table",
+        "a mistake in the base names the base",
+        lambda c: (
+            c.file("base/b.yaml", "task: digits_resnet\nseeds: [0, -1]\n")
+            and [c.variant("seeds: [0]\n", "extends: base/b.yaml\n")],
+            "b.yaml: seeds[1]: -1",
+        ),
+    ),
+    (
+        "graft-grid",
+        "a base that extends another",
+        lambda c: (
+            c.file("base/b.yaml", "extends: c.yaml\n")
+            and [c.variant("seeds: [0]\n", "extends: base/b.yaml\n")],
+            "b.yaml: extends: unknown key",
+        ),
+    ),
+    (
+        "graft-grid",
+        "lr: tuned without a record",
+        lambda c: ([c.variant("lr: 0.05", "lr: tuned")], "'tuned' needs tuned_from"),
+    ),
+    (
+        "graft-table",
+        "a record without tuning.md",
+        lambda c: (
+            [c.experiment(CAT.replace("lr: 0.05", "lr: tuned") + f"tuned_from: {c.tmp}\n")],
+            "holds no tuning.md",
+        ),
+    ),
+    (
+        "graft-grid",
+        "a record that tuned another optimizer",
+        lambda c: (
+            c.file("rec/tuning.md", "| adam | 0.001 | 0.1 | **chosen** |\n")
+            and [c.experiment(CAT.replace("lr: 0.05", "lr: tuned") + f"tuned_from: {c.tmp}/rec\n")],
+            "chose no learning rate for sgd (it chose: adam)",
+        ),
+    ),
+    (
+        "graft-table",
+        "tuned in place of a momentum",
+        lambda c: ([c.variant("momentum: 0.5", "momentum: tuned")], "optimizers.sgd.momentum"),
+    ),
+    (
+        "graft-grid",
+        "a record nothing takes from",
+        lambda c: (
+            [c.experiment(CAT + "tuned_from: results/digits_resnet-tuned\n")],
+            "gives learning rates to no optimizer",
+        ),
+    ),
     # --- output folders that cannot be written
     (
         "graft-grid",

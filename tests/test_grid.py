@@ -13,9 +13,10 @@ import pytest
 from graft.grid import publish
 from graft.grid.compare import compare
 from graft.grid.experiment import available, load_experiment
+from graft.grid.run import comparable, run_grid
 from graft.grid.run import main as run_main
-from graft.grid.run import run_grid
 from graft.grid.table import Cell, closer_to
+from graft.grid.tuning_record import chosen_lrs, table_header, table_row
 from graft.train.errors import EXIT_RUN_FAILED, UserError
 
 TINY_EXPERIMENT = """
@@ -205,6 +206,7 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
         if "**chosen**" in row
     }
     assert set(chosen) == {"sgd", "adam"} and chosen["adam"] in (0.001, 0.003)
+    assert chosen_lrs(tuning) == chosen  # what an experiment's `lr: tuned` reads back
     for name in ("sgd", "adam"):
         for value in (0.01, 0.05) if name == "sgd" else (0.001, 0.003):
             summary = tmp_path / f"outputs/tiny/tuning/{name}/lr{value}/seed0/summary.json"
@@ -254,6 +256,181 @@ def test_the_shipped_experiments_load():
     for name in available():
         experiment = load_experiment(name)
         assert experiment.cells() and experiment.metrics
+
+
+# What each shipped experiment gives every one of its runs (task, optimizer table, overrides),
+# its cells and seeds: a change to a base, a tuning record or the loader that moves a run shows
+# here. scripts/experiment_jobs.py composes every job, for a before/after diff of a change.
+DIGITS = "task=digits_resnet"
+DIGITS_BUDGET = "trainer.max_steps=150 trainer.batch_size=64 trainer.eval_every=50"
+SHIPPED = {
+    "adagrad_schedule": (
+        f"{DIGITS} +optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.sgd.lr=0.03 +optimizers.sgd.momentum=0.9 trainer.max_steps=600 "
+        "trainer.batch_size=64 trainer.eval_every=200 trainer.log_norms_every=5 logger=none "
+        "schedule=constant trainer.progress=false",
+        ["sgd#adagrad"],
+        [0, 1, 2],
+    ),
+    "bert_base": (
+        "task=bert_base +optimizers.adagrad.lr=None +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.adam.lr=0.0001 +optimizers.sgd.lr=None +optimizers.sgd.momentum=0.9",
+        9,
+        [0],
+    ),
+    "bert_sgd_static": (
+        "task=bert_base +optimizers.adam.lr=0.0001 +optimizers.sgd.lr=None "
+        "+optimizers.sgd.momentum=0.9 trainer.log_norms_every=100",
+        ["adam#sgd"],
+        [0],
+    ),
+    "digits_resnet": (
+        f"{DIGITS} +optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 "
+        f"+optimizers.adam.lr=0.001 +optimizers.sgd.lr=0.1 +optimizers.sgd.momentum=0.9 "
+        f"{DIGITS_BUDGET} trainer.log_norms_every=10 logger=none",
+        9,
+        [0, 1, 2],
+    ),
+    "digits_resnet_5x5": (
+        f"{DIGITS} +optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.adam.lr=0.001 +optimizers.lamb.lr=0.001 +optimizers.lars.lr=1.0 "
+        "+optimizers.lars.momentum=0.9 +optimizers.sgd.lr=0.1 +optimizers.sgd.momentum=0.9 "
+        f"{DIGITS_BUDGET} trainer.log_norms_every=10 logger=none",
+        25,
+        [0, 1, 2],
+    ),
+    "digits_static": (
+        f"{DIGITS} +optimizers.adam.lr=0.001 +optimizers.sgd.lr=0.03 +optimizers.sgd.momentum=0.9 "
+        f"{DIGITS_BUDGET} trainer.log_norms_every=5 logger=none trainer.progress=false",
+        ["adam#sgd"],
+        [0, 1, 2],
+    ),
+    "digits_tuning_transfer": (
+        f"{DIGITS} +optimizers.adagrad.momentum=0.9 +optimizers.sgd.lr=0.03 "
+        f"+optimizers.sgd.momentum=0.9 {DIGITS_BUDGET} trainer.log_norms_every=10 logger=none "
+        "trainer.progress=false",
+        ["sgd#adagrad"],
+        [0, 1, 2],
+    ),
+    "imagenet_resnet50": (
+        "task=imagenet_resnet50 +optimizers.adagrad.lr=None +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.adam.lr=None +optimizers.sgd.lr=1.6 +optimizers.sgd.momentum=0.9",
+        9,
+        [0],
+    ),
+    "tiny_bert": (
+        "task=tiny_bert +optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.adam.lr=0.001 +optimizers.sgd.lr=0.1 +optimizers.sgd.momentum=0.9 "
+        "trainer.log_norms_every=25 logger=none",
+        9,
+        [0, 1, 2],
+    ),
+    "tiny_bert_static": (
+        "task=tiny_bert +optimizers.adam.lr=0.001 +optimizers.sgd.lr=0.3 "
+        "+optimizers.sgd.momentum=0.9 trainer.log_norms_every=10 logger=none "
+        "trainer.progress=false",
+        ["adam#sgd"],
+        [0, 1, 2],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_each_shipped_experiment_gives_its_runs_the_pinned_settings(name):
+    shared, cells, seeds = SHIPPED[name]
+    experiment = load_experiment(name)
+    assert experiment.shared_overrides([]) == shared.split()
+    assert (
+        len(experiment.cell_names()) if isinstance(cells, int) else experiment.cell_names()
+    ) == cells
+    assert experiment.seeds == seeds
+
+
+def test_every_shipped_experiment_is_pinned():
+    assert sorted(SHIPPED) == available()
+
+
+def test_shipped_tuned_learning_rates_are_the_ones_their_records_chose():
+    for name, record in [
+        ("digits_static", "digits_resnet-tuned"),
+        ("digits_tuning_transfer", "digits_resnet-tuned"),
+        ("tiny_bert_static", "tiny_bert-tuned"),
+    ]:
+        chosen = chosen_lrs((publish.RESULTS / record / "tuning.md").read_text())
+        taken = {
+            optimizer: settings["lr"]
+            for optimizer, settings in load_experiment(name).optimizers.items()
+            if "lr" in settings
+        }
+        assert taken and taken == {optimizer: chosen[optimizer] for optimizer in taken}, name
+
+
+def test_an_experiment_extends_a_base_its_own_override_replacing_the_line_of_its_key(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base/small.yaml").write_text(
+        "task: digits_resnet\nseeds: [0, 1]\nmetrics: [eval/top1]\n"
+        "overrides: [trainer.max_steps=3, logger=none, trainer.log_norms_every=1]\n"
+    )
+    path = tmp_path / "small_grid.yaml"
+    path.write_text(
+        "name: small_grid\nextends: base/small.yaml\ngrid: {magnitude: [sgd], direction: [adam]}\n"
+        "seeds: [3]\noverrides: [schedule=constant, +trainer.log_norms_every=5]\n"
+    )
+    experiment = load_experiment(str(path))
+    assert (experiment.task, experiment.seeds, experiment.metrics) == (
+        "digits_resnet",
+        [3],  # the file's key replaces the base's
+        ["eval/top1"],
+    )
+    assert experiment.overrides == [
+        "trainer.max_steps=3",
+        "logger=none",
+        "+trainer.log_norms_every=5",  # in the base line's place
+        "schedule=constant",
+    ]
+    assert "extends" not in experiment.document
+    assert experiment.document["overrides"] == experiment.overrides
+
+
+def test_lr_tuned_is_the_learning_rate_the_tuning_record_chose(tmp_path):
+    record = tmp_path / "results/tiny-tuned"
+    record.mkdir(parents=True)
+    rows = [
+        table_row("adam", 0.001, None, False),
+        table_row("adam", 0.003, 0.05, True),
+        table_row("sgd", 0.03, 0.04, True),
+        table_row("sgd", 0.1, 0.1, False),
+    ]
+    (record / "tuning.md").write_text("\n".join(["# tiny", *table_header("eval/loss"), *rows]))
+    path = write_experiment(tmp_path)
+    path.write_text(
+        path.read_text().replace(
+            "sgd: {lr: 0.05, momentum: 0.5}", "sgd: {lr: tuned, momentum: 0.5}\n  adam: {lr: tuned}"
+        )
+        + f"tuned_from: {record}\n"
+    )
+    experiment = load_experiment(str(path))
+    assert experiment.optimizers == {"sgd": {"lr": 0.03, "momentum": 0.5}, "adam": {"lr": 0.003}}
+    assert "+optimizers.adam.lr=0.003" in experiment.shared_overrides([])
+    # The version a run folder is told apart by holds the values, not where they came from.
+    assert "tuned_from" not in experiment.document
+    assert experiment.document["optimizers"] == experiment.optimizers
+
+
+def test_override_order_alone_is_not_another_version_of_an_experiment():
+    def version(*lines):
+        return comparable({"overrides": list(lines)})
+
+    assert version("schedule=constant", "trainer.max_steps=5") == version(
+        "trainer.max_steps=5", "schedule=constant"
+    )
+    # Where two lines touch one key, the order decides the value: it still counts.
+    assert version("trainer.max_steps=5", "trainer.max_steps=6") != version(
+        "trainer.max_steps=6", "trainer.max_steps=5"
+    )
+    assert version("trainer={max_steps: 5}", "trainer.max_steps=6") != version(
+        "trainer.max_steps=6", "trainer={max_steps: 5}"
+    )
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,18 @@
 An experiment (`experiments/<name>.yaml`) holds:
 
     name, description
+    extends:     optional: a base file (path relative to this file's folder, e.g.
+                 base/digits.yaml) whose keys this file extends; see `extended`
     task:        a configs/task/ option
     grid:        {magnitude: [optimizers], direction: [optimizers]}
     seeds:       [0, 1, 2]
     optimizers:  {name: {hyperparameter: value}}: each optimizer's own settings, used wherever
-                 it is M or D (M#D takes M's learning rate; the diagonal is plain M)
+                 it is M or D (M#D takes M's learning rate; the diagonal is plain M). A
+                 role override on the command line (magnitude.lr=...) may not set the same
+                 hyperparameter of an optimizer the table sets (graft/train/optimizer.py)
+    tuned_from:  optional: a tuned results folder (results/<experiment>-tuned, relative to the
+                 repository root); `lr: tuned` in optimizers takes the learning rate its
+                 tuning.md chose (graft/grid/tuning_record.py), so the value lives there alone
     overrides:   Hydra overrides for every cell (trainer.max_steps=..., schedule=...)
     metrics:     summary keys that fill the table (eval/top1, ...); the first is the headline
     reference:   {"M#D": {metric: value}}: the paper's numbers where known
@@ -18,7 +25,7 @@ An experiment (`experiments/<name>.yaml`) holds:
 
 Every key is checked when the file loads, in one place (SCHEMA: each key's shape; then `check`:
 what the names refer to), so a mistake is one line naming the file, the key and the value,
-before anything runs.
+before anything runs. A base is checked alone first (BASE_SCHEMA), so a mistake in it names it.
 """
 
 from __future__ import annotations
@@ -34,11 +41,14 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from graft.grid.tuning_record import RECORD, TUNED, chosen_lrs
 from graft.train.config import CONFIGS, cell_name, group_options
 from graft.train.errors import UserError
+from graft.train.strict import override_key
 from graft.transfer.static import REDUCTIONS
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+REPOSITORY = Path(__file__).resolve().parents[2]  # where results/ is: tuned_from's root
+EXPERIMENTS = REPOSITORY / "experiments"
 TUNED_SUFFIX = "-tuned"  # results/<name>-tuned/: a tuned grid's (graft/grid/publish.py)
 
 # Study kinds and the options each takes (graft/transfer/studies.py).
@@ -64,6 +74,9 @@ class Experiment:
     tune: dict[str, Any] = field(default_factory=dict)  # see graft/grid/tune.py
     study: dict[str, Any] = field(default_factory=dict)  # see graft/transfer/studies.py
     source: Path | None = None
+    # The file as it runs: its base merged in, `lr: tuned` filled in (what another version of
+    # the experiment is told apart by, graft/grid/run.py).
+    document: dict[str, Any] = field(default_factory=dict)
 
     def cells(self) -> list[tuple[str, str]]:
         """(M, D) for every cell, rows M, columns D."""
@@ -244,42 +257,41 @@ EXAMPLES = {
     "lr": "lr: {sgd: [0.01, 0.1]}",
     "kind": f"kind: one of {', '.join(STUDY_OPTIONS)}",
 }
-SCHEMA = fields(
-    {
-        "name": NAME,
-        "description": ANY_TEXT,
-        "task": TEXT,
-        "grid": fields(
-            {"magnitude": OPTIMIZERS, "direction": OPTIMIZERS}, ("magnitude", "direction")
-        ),
-        "seeds": list_of(SEED, "[0, 1, 2]"),
-        "optimizers": mapping_of(
-            mapping_of(setting, "{lr: 0.1, momentum: 0.9}"), "{sgd: {lr: 0.1}}"
-        ),
-        "overrides": list_of(override, "[trainer.max_steps=100]", empty=True),
-        "metrics": list_of(TEXT, "[eval/top1, eval/loss]"),
-        "reference": mapping_of(mapping_of(NUMBER, "{eval/top1: 0.76}"), '{"adam#sgd": {...}}'),
-        "tune": fields(
-            {
-                "lr": mapping_of(list_of(POSITIVE, "[0.01, 0.1]"), "{sgd: [0.01, 0.1]}"),
-                "seeds": list_of(SEED, "[0]"),
-                "metric": TEXT,
-                "overrides": list_of(override, "[trainer.max_steps=100]", empty=True),
-            },
-            ("lr",),
-        ),
-        "study": fields(
-            {
-                "kind": TEXT,
-                "window": optional_window,
-                "reduce": TEXT,
-                "lrs": list_of(POSITIVE, "[0.01, 0.1]"),
-            },
-            ("kind",),
-        ),
-    },
-    ("name", "task", "grid", "seeds", "metrics"),
-)
+KEYS: dict[str, Check] = {
+    "name": NAME,
+    "description": ANY_TEXT,
+    "extends": TEXT,
+    "task": TEXT,
+    "grid": fields({"magnitude": OPTIMIZERS, "direction": OPTIMIZERS}, ("magnitude", "direction")),
+    "seeds": list_of(SEED, "[0, 1, 2]"),
+    "optimizers": mapping_of(mapping_of(setting, "{lr: 0.1, momentum: 0.9}"), "{sgd: {lr: 0.1}}"),
+    "overrides": list_of(override, "[trainer.max_steps=100]", empty=True),
+    "metrics": list_of(TEXT, "[eval/top1, eval/loss]"),
+    "reference": mapping_of(mapping_of(NUMBER, "{eval/top1: 0.76}"), '{"adam#sgd": {...}}'),
+    "tune": fields(
+        {
+            "lr": mapping_of(list_of(POSITIVE, "[0.01, 0.1]"), "{sgd: [0.01, 0.1]}"),
+            "seeds": list_of(SEED, "[0]"),
+            "metric": TEXT,
+            "overrides": list_of(override, "[trainer.max_steps=100]", empty=True),
+        },
+        ("lr",),
+    ),
+    "study": fields(
+        {
+            "kind": TEXT,
+            "window": optional_window,
+            "reduce": TEXT,
+            "lrs": list_of(POSITIVE, "[0.01, 0.1]"),
+        },
+        ("kind",),
+    ),
+    "tuned_from": TEXT,
+}
+SCHEMA = fields(KEYS, ("name", "task", "grid", "seeds", "metrics"))
+# A base holds what experiments share; the name (the results folder) is each one's own, and a
+# base extends nothing (one level: a reader finds every value in two files at most).
+BASE_SCHEMA = fields({key: check for key, check in KEYS.items() if key not in ("name", "extends")})
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -290,7 +302,8 @@ def load_experiment(name_or_path: str) -> Experiment:
 
     Raises UserError (one line naming the file, the key and the value) for an unknown
     experiment, a file that is not YAML, a missing or unknown key, a value of the wrong shape,
-    or an optimizer, task, cell or metric that does not exist.
+    an optimizer, task, cell or metric that does not exist, a missing base, or a tuning record
+    that is missing or chose no learning rate for an optimizer that takes it.
     """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
@@ -306,10 +319,13 @@ def load_experiment(name_or_path: str) -> Experiment:
             f"{path}: the file is empty; an experiment needs name, task, grid, seeds and "
             "metrics (e.g. experiments/digits_resnet.yaml)"
         )
+    if isinstance(raw, Mapping) and raw.get("extends") is not None:
+        raw = extended(raw, path)
     try:
         SCHEMA(raw, "")
     except Bad as bad:
         raise UserError(f"{path}: {bad}") from None
+    raw = with_tuned_lrs(raw, path)
     grid = raw["grid"]
     experiment = Experiment(
         name=raw["name"],
@@ -325,9 +341,99 @@ def load_experiment(name_or_path: str) -> Experiment:
         tune=dict(raw.get("tune") or {}),
         study=dict(raw.get("study") or {}),
         source=path,
+        document=raw,
     )
     check(experiment, path)
     return experiment
+
+
+def extended(raw: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The experiment file laid over its base (`extends:`, relative to the file's folder).
+
+    Each key the file gives replaces the base's, except `overrides`: the base's lines come
+    first, each replaced in place by the file's line for the same key, and the file's other
+    lines follow. So `overrides: [trainer.log_norms_every=5]` over a base that logs every 10
+    steps changes that one line and keeps the rest.
+    """
+    if not isinstance(raw["extends"], str) or not raw["extends"].strip():
+        raise UserError(
+            f"{path}: extends: {shown(raw['extends'])} is not a path to a base file (e.g. "
+            "extends: base/digits.yaml)"
+        )
+    base_path = path.parent / raw["extends"]
+    if not base_path.is_file():
+        raise UserError(
+            f"{path}: extends: {raw['extends']!r}: no such file {base_path} (a path relative "
+            f"to {path.parent}, e.g. base/digits.yaml)"
+        )
+    base = read(base_path) or {}
+    try:
+        BASE_SCHEMA(base, "")
+    except Bad as bad:
+        raise UserError(f"{base_path}: {bad}") from None
+    merged = {**base, **{key: value for key, value in raw.items() if key != "extends"}}
+    if isinstance(raw.get("overrides"), list) and base.get("overrides"):
+        merged["overrides"] = merged_overrides(base["overrides"], raw["overrides"])
+    return merged
+
+
+def merged_overrides(base: list[str], own: list[Any]) -> list[Any]:
+    """The base's override lines, each replaced by `own`'s line for the same key; then the
+    rest of `own`, in order."""
+    replacing = {override_key(item): item for item in own if isinstance(item, str)}
+    in_base = {override_key(item) for item in base}
+    kept = [replacing.get(override_key(item), item) for item in base]
+    return [*kept, *(i for i in own if not (isinstance(i, str) and override_key(i) in in_base))]
+
+
+def with_tuned_lrs(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The file with each `lr: tuned` replaced by the learning rate its `tuned_from` record
+    chose; UserError for `tuned` without a record (or in place of another setting), a record
+    that is missing, lacks that optimizer, or that no optimizer takes a value from."""
+    optimizers = raw.get("optimizers") or {}
+    takers = [name for name, settings in optimizers.items() if (settings or {}).get("lr") == TUNED]
+    for name, settings in optimizers.items():
+        for key, value in (settings or {}).items():
+            if value == TUNED and key != "lr":
+                raise UserError(
+                    f"{path}: optimizers.{name}.{key}: {TUNED!r} stands for a tuned learning "
+                    f"rate; {key} takes a value (the tuning record holds learning rates only)"
+                )
+    source = raw.get("tuned_from")
+    if source is None:
+        if takers:
+            raise UserError(
+                f"{path}: optimizers.{takers[0]}.lr: {TUNED!r} needs tuned_from: the tuned "
+                "results folder whose tuning.md chose it (e.g. tuned_from: "
+                "results/digits_resnet-tuned)"
+            )
+        return raw
+    if not takers:
+        raise UserError(
+            f"{path}: tuned_from: {source!r} gives learning rates to no optimizer; write "
+            f"lr: {TUNED} where one takes its tuned value, or remove tuned_from"
+        )
+    record = Path(source) if Path(source).is_absolute() else REPOSITORY / source
+    if not (record / RECORD).is_file():
+        raise UserError(
+            f"{path}: tuned_from: {source!r} holds no {RECORD} ({record / RECORD}); make it "
+            "with graft-grid EXPERIMENT --tune, or give the learning rates in optimizers"
+        )
+    try:
+        chosen = chosen_lrs((record / RECORD).read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: tuned_from: {record / RECORD} cannot be read ({error})") from None
+    settings = {name: dict(values or {}) for name, values in optimizers.items()}
+    for name in takers:
+        if name not in chosen:
+            raise UserError(
+                f"{path}: optimizers.{name}.lr: {TUNED}, but {record / RECORD} chose no "
+                f"learning rate for {name} (it chose: {', '.join(sorted(chosen)) or 'none'}); "
+                "give its lr here, or tune it in that experiment"
+            )
+        settings[name]["lr"] = chosen[name]
+    resolved = {key: value for key, value in raw.items() if key != "tuned_from"}
+    return {**resolved, "optimizers": settings}
 
 
 def read(path: Path) -> Any:

@@ -23,10 +23,13 @@ from graft.grid.launch import multirun
 from graft.grid.publish import check_writable, refuse_to_shrink, results_folder, write_files
 from graft.grid.table import Written, write_results
 from graft.grid.tune import run_tuning, tune_block
+from graft.grid.tuning_record import TUNED
 from graft.train.checkpoints import write_atomically
 from graft.train.cli import check_overrides
 from graft.train.config import flatten
 from graft.train.errors import EXIT_RUN_FAILED, UserError, exit_with
+from graft.train.optimizer import refuse_two_sources
+from graft.train.strict import override_key
 from graft.transfer.studies import run_study
 
 DEFAULT_EXPERIMENT = "digits_resnet"
@@ -114,6 +117,12 @@ def run_grid(
                 "trainer.max_steps=100; quote values with brackets or commas)"
             ) from None
     shared = experiment.shared_overrides(extra)
+    refuse_two_sources(
+        [*experiment.overrides, *extra],
+        table_of(experiment, tune),
+        roles_of(experiment, tune),
+        str(experiment.source),
+    )
     magnitude, direction = experiment.cells()[0]
     # One representative cell composes first: a bad override fails here, not in every job.
     check_overrides(
@@ -167,13 +176,34 @@ def run_grid(
     return written
 
 
+def table_of(experiment: Experiment, tune: bool) -> dict[str, dict]:
+    """The `optimizers` table the runs get: the file's, and with --tune an lr for each
+    optimizer the tuning sets."""
+    table = {name: dict(settings) for name, settings in experiment.optimizers.items()}
+    for name in experiment.tune.get("lr", {}) if tune else ():
+        table.setdefault(name, {})["lr"] = TUNED
+    return table
+
+
+def roles_of(experiment: Experiment, tune: bool) -> dict[str, list[str]]:
+    """Which optimizers run as M, which as D: a grid's rows and columns; a study's and a
+    tuning sweep's plain runs (graft=off) put each of its optimizers in M's place too."""
+    magnitudes = list(experiment.magnitudes)
+    if experiment.study:
+        magnitudes += experiment.directions
+    if tune:
+        magnitudes += list(experiment.tune.get("lr", {}))
+    return {"magnitude": list(dict.fromkeys(magnitudes)), "direction": experiment.directions}
+
+
 def refuse_another_version(experiment: Experiment, extra: list[str], sweep_dir: Path) -> None:
-    """Keep one experiment version (file and command-line overrides) per output folder."""
+    """Keep one experiment version (the file as it runs, and the command-line overrides) per
+    output folder."""
     recorded = sweep_dir / "experiment.yaml"
-    current = {**OmegaConf.to_container(OmegaConf.load(experiment.source)), "command_line": extra}
+    current = {**experiment.document, "command_line": extra}
     if recorded.exists():
-        before = flatten(OmegaConf.to_container(OmegaConf.load(recorded)))
-        after = flatten(current)
+        before = comparable(OmegaConf.to_container(OmegaConf.load(recorded)))
+        after = comparable(current)
         changed = sorted(
             key
             for key in before.keys() | after.keys()
@@ -188,6 +218,21 @@ def refuse_another_version(experiment: Experiment, extra: list[str], sweep_dir: 
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(recorded, lambda path: OmegaConf.save(OmegaConf.create(current), path))
+
+
+def comparable(document: dict) -> dict:
+    """An experiment as flat keys, its override lists sorted where no two lines touch the same
+    key: Hydra composes such lines alike in any order, and a file that extends a base lists
+    them in the base's order, not necessarily in the order the file it replaced had."""
+    flat = flatten(document)
+    for key in ("overrides", "tune.overrides"):
+        lines = flat.get(key)
+        if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
+            keys = [override_key(line) for line in lines]
+            pairs = [(a, b) for i, a in enumerate(keys) for j, b in enumerate(keys) if i != j]
+            if not any(a == b or b.startswith(a + ".") for a, b in pairs):
+                flat[key] = sorted(lines)
+    return flat
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ the seeds, and overrides for the tuning runs (a shorter budget, say):
 `graft-grid --tune` runs plain M for every value (one Hydra multirun per optimizer, in
 `outputs/<experiment>/tuning/<optimizer>/lr<value>/seed<k>/`), picks the best by `tune.metric`
 (default: the experiment's first metric; lowest for a loss, highest otherwise), writes
-`results/<experiment>/tuning.md`, and runs the grid with the chosen learning rates.
+`results/<experiment>-tuned/tuning.md` (graft/grid/tuning_record.py: other experiments read
+their tuned learning rates from it), and runs the grid with the chosen learning rates.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 from graft.grid.experiment import Experiment
 from graft.grid.launch import multirun
+from graft.grid.tuning_record import table_header, table_row
 from graft.train.errors import UserError
 
 
@@ -57,8 +59,7 @@ def run_tuning(
         f"# {experiment.name}: learning-rate tuning on the diagonal\n",
         f"Plain M per optimizer, seeds {seeds}, extra overrides {block.get('overrides') or []}; "
         f"chosen by {metric} ({'lowest' if lower_is_better(metric) else 'highest'} mean).\n",
-        f"| optimizer | lr | {metric} (mean over seeds) | chosen |",
-        "|---|---|---|---|",
+        *table_header(metric),
     ]
     for name, values in sorted(block["lr"].items()):
         folder = sweep_dir / "tuning" / name
@@ -81,10 +82,7 @@ def run_tuning(
             raise UserError(f"tuning {name}: every learning rate in {values} failed")
         pick = min if lower_is_better(metric) else max
         chosen[name] = pick(finite, key=finite.__getitem__)
-        for value, result in scores.items():
-            shown = "failed" if result is None else f"{result:.4f}"
-            mark = "**chosen**" if value == chosen[name] else ""
-            lines.append(f"| {name} | {value} | {shown} | {mark} |")
+        lines += [table_row(name, v, s, v == chosen[name]) for v, s in scores.items()]
     return chosen, "\n".join(lines) + "\n"
 
 

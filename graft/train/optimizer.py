@@ -6,7 +6,7 @@ is plain M with one param group per tensor, named, so each tensor gets its own l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,17 @@ from graft.train.config import CONFIGS
 from graft.train.errors import UserError
 from graft.transfer.static import load_multipliers
 
+ROLES = ("magnitude", "direction")
+
 
 def optimizer_specs(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """M's and D's specs: their optim/ files with the `optimizers` table laid over them.
 
     `optimizers.<name>.<key>` sets an optimizer's hyperparameter wherever it is M or D, which
     is how a grid gives every cell its optimizers' own (tuned) settings: M#D then runs with
-    M's learning rate and D's momentum, betas, eps.
+    M's learning rate and D's momentum, betas, eps. The table wins over the optim/ files'
+    values only: one hyperparameter set both in the table and by a role override
+    (`magnitude.lr=...`) is refused before the run (refuse_two_sources).
     """
     table = config.get("optimizers") or {}
     magnitude, direction = config["magnitude"], config["direction"]
@@ -32,6 +36,35 @@ def optimizer_specs(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
         {**magnitude, **table.get(magnitude["name"], {})},
         {**direction, **table.get(direction["name"], {})},
     )
+
+
+def refuse_two_sources(
+    overrides: Iterable[str],
+    table: Mapping[str, Any],
+    in_role: Mapping[str, Iterable[str]],
+    table_in: str = "on the command line",
+) -> None:
+    """The one precedence rule between the `optimizers` table and `magnitude.*` /
+    `direction.*`: each hyperparameter is set in one of them, never in both.
+
+    UserError (one line naming both) when an override sets `<role>.<key>` (magnitude.lr=0.3)
+    while the table sets `<key>` for an optimizer that takes that role in the run (in_role:
+    role -> those optimizers; a grid's: every M, every D). Either would leave the
+    other unseen; the user picks one. table_in says where the table was written, for the
+    message.
+    """
+    for line in overrides:
+        role, _, key = line.partition("=")[0].lstrip("+~").partition(".")
+        if role not in ROLES or not key:
+            continue
+        key = key.split(".")[0]
+        for name in in_role.get(role, ()):
+            if key in (table.get(name) or {}):
+                raise UserError(
+                    f"{line} and optimizers.{name}.{key} ({table_in}) both set {name}'s {key} "
+                    f"as {role}; set it once: in the table (optimizers.{name}.{key}=VALUE, "
+                    f"wherever {name} runs) or as {role}.{key} without a table entry for it"
+                )
 
 
 def check_optimizer(config: Mapping[str, Any]) -> None:

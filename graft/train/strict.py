@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from graft.train.config import CONFIGS, GROUP_FOLDERS, group_options, register_resolvers
 from graft.train.errors import UserError
+from graft.train.optimizer import refuse_two_sources
 
 # Where a config grows keys of its own by design: the per-optimizer table.
 OPTIMIZER_TABLE = "optimizers"
@@ -70,6 +71,10 @@ def check_config(overrides: list[str], config: Mapping[str, Any], *, sweeping: b
             raise UserError(unknown_key_message(key, value, base, written))
         check_kind(key, value, default, written)
     check_optimizer_table(config, sweeping=sweeping)
+    in_run = {"magnitude": [config["magnitude"]["name"]], "direction": []}
+    if config["graft"]["enabled"]:
+        in_run["direction"] = [config["direction"]["name"]]
+    refuse_two_sources(user, config.get(OPTIMIZER_TABLE) or {}, in_run)
 
 
 def walk(config: Mapping[str, Any], prefix: str = ""):
