@@ -466,7 +466,7 @@ def write_provenance(
     run (how graft/grid/publish.py counts what a results folder holds)."""
     summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in runs]
     provenance = {
-        "experiment": OmegaConf.to_container(OmegaConf.load(experiment.source)),
+        "experiment": experiment.document,
         "tuned": tuned,
         "git_sha": git_sha(),
         "versions": versions(),

@@ -59,7 +59,7 @@ def log_table(experiment: Experiment, cells: list[Cell], results: Path, sweep_di
         sweep_dir,
         *mode,
         logger,
-        {"experiment": OmegaConf.to_container(OmegaConf.load(experiment.source))},
+        {"experiment": experiment.document},
         f"{experiment.name} table",
         None,
         group=experiment.name,
