@@ -6,13 +6,14 @@ them again before it builds its task: a user mistake is a UserError naming the k
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
+from graft.common.validation import BOOLEAN, Allowed, at_least, first_refused, one_of, optional
 from graft.train import distributed
 from graft.train.config import config_differences
 from graft.train.errors import RunDirTaken, UserError
@@ -24,23 +25,26 @@ from graft.transfer.replay import replay_multipliers
 # Parameter dtypes (trainer.dtype): float64 is for exactness checks, such as DDP = one process.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-# trainer keys checked before anything is built: (test, what is allowed)
-TRAINER_LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "micro_batch_size": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or >= 1"),
-    "max_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "eval_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: at the end)"),
-    "log_every": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "log_norms_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: never)"),
-    "checkpoint_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "keep_checkpoints": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "num_workers": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "timeout_s": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (seconds)"),
-    "dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
+COUNT = at_least(1, integer=True)
+EVERY = at_least(0, integer=True)
+
+# The trainer keys checked before anything is built, in the order they are checked.
+TRAINER_LIMITS: dict[str, Allowed] = {
+    "batch_size": COUNT,
+    "micro_batch_size": optional(COUNT),
+    "max_steps": COUNT,
+    "eval_batch_size": COUNT,
+    "eval_every": EVERY.noting("0: at the end"),
+    "log_every": COUNT,
+    "log_norms_every": EVERY.noting("0: never"),
+    "checkpoint_every": EVERY,
+    "keep_checkpoints": COUNT,
+    "num_workers": EVERY,
+    "seed": EVERY,
+    "timeout_s": COUNT.noting("seconds"),
+    "dtype": one_of(DTYPES),
     **{
-        switch: (lambda v: isinstance(v, bool), "true or false")
+        switch: BOOLEAN
         for switch in ("bf16", "fp16", "channels_last", "compile", "decay_1d", "progress")
     },
 }
@@ -68,9 +72,11 @@ def check_before_building(config: Mapping[str, Any]) -> None:
 
 
 def check_trainer(trainer: Mapping[str, Any]) -> None:
-    for key, (ok, allowed) in TRAINER_LIMITS.items():
-        if not ok(trainer[key]):
-            raise UserError(f"trainer.{key}={trainer[key]!r} is invalid; allowed: {allowed}")
+    key = first_refused(trainer, TRAINER_LIMITS)
+    if key is not None:
+        raise UserError(
+            f"trainer.{key}={trainer[key]!r} is invalid; allowed: {TRAINER_LIMITS[key].text}"
+        )
     if trainer["bf16"] and trainer["fp16"]:
         raise UserError("trainer.bf16 and trainer.fp16 are both true; choose one")
 
