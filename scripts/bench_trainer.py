@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader
 
 from graft.tasks import build_task
 from graft.train.config import CONFIGS, register_resolvers
-from graft.train.loop import make_scheduler, train
+from graft.train.loop import train
 from graft.train.optimizer import build_optimizer
+from graft.train.setup import make_scheduler
 
 TASKS = {
     "digits_resnet": ["task=digits_resnet"],

@@ -42,8 +42,8 @@ RUN = [
 SLOW_CLI = (
     "import sys, time\n"
     "from graft.train import loop\n"
-    "step, seconds = loop.Loop.train_step, float(sys.argv.pop(1))\n"
-    "loop.Loop.train_step = lambda self: (time.sleep(seconds), step(self))[1]\n"
+    "step, seconds = loop.train_step, float(sys.argv.pop(1))\n"
+    "loop.train_step = lambda run: (time.sleep(seconds), step(run))[1]\n"
     "from graft.train.cli import main\n"
     "main()\n"
 )
@@ -280,14 +280,14 @@ def test_under_submitit_the_checkpoint_is_written_before_submitit_requeues(
         # The signal arrives during step 3, as the time limit's SIGUSR2 would.
         from graft.train import loop
 
-        step = loop.Loop.train_step
+        step = loop.train_step
 
-        def train_step(self):
-            if self.progress.step == 2:
+        def train_step(run):
+            if run.progress.step == 2:
                 os.kill(os.getpid(), signal.SIGUSR2)
-            return step(self)
+            return step(run)
 
-        monkeypatch.setattr(loop.Loop, "train_step", train_step)
+        monkeypatch.setattr(loop, "train_step", train_step)
         with pytest.raises(SystemExit) as exit_:
             train_in_process(run_dir, *RUN)
     finally:
@@ -440,16 +440,16 @@ def join_two_ranks(rank: int, folder: Path) -> None:
 def slow_to_prepare_rank(rank: int, folder: Path) -> None:
     """A rank of a 2-rank job whose collectives time out after 5 s; rank 0's data takes 8 s."""
     join_two_ranks(rank, folder)
-    from graft.train import loop
+    from graft.train import setup
 
-    build = loop.build_task
+    build = setup.build_task
 
     def slow_build(*args, **kwargs):
         if rank == 0:
             time.sleep(8)  # past trainer.timeout_s: the others must not time out waiting
         return build(*args, **kwargs)
 
-    loop.build_task = slow_build
+    setup.build_task = slow_build
     cfg = config(*RUN, "trainer.max_steps=4", "trainer.timeout_s=5", "trainer.batch_size=8")
     code = train(cfg, folder / "run")
     (folder / f"rank{rank}.json").write_text(json.dumps({"code": code}))
@@ -467,14 +467,14 @@ def rank_signalled_alone(rank: int, folder: Path) -> None:
     join_two_ranks(rank, folder)
     from graft.train import loop
 
-    step = loop.Loop.train_step
+    step = loop.train_step
 
-    def train_step(self):
-        if rank == 1 and self.progress.step == 2:
+    def train_step(run):
+        if rank == 1 and run.progress.step == 2:
             os.kill(os.getpid(), signal.SIGUSR2)
-        return step(self)
+        return step(run)
 
-    loop.Loop.train_step = train_step
+    loop.train_step = train_step
     cfg = config(*RUN, "trainer.timeout_s=5", "trainer.batch_size=8")
     try:
         outcome = {"code": train(cfg, folder / "run")}

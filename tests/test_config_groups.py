@@ -14,11 +14,12 @@ from transformers import BertConfig
 from graft import Graft
 from graft.optim import RULES
 from graft.tasks import build_task
+from graft.train.checks import check_trainer
 from graft.train.config import register_resolvers
-from graft.train.loop import check_trainer, make_scheduler
 from graft.train.metrics import wandb_mode
 from graft.train.optimizer import build_optimizer
 from graft.train.schedules import build_schedule
+from graft.train.setup import make_scheduler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,12 +12,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from graft.train.checkpoints import load_newest_checkpoint, save_checkpoint, saved_checkpoints
+from graft.train.checks import split_batch
 from graft.train.cli import check_overrides
 from graft.train.config import config_differences
 from graft.train.data import BatchStream, EpochSampler
 from graft.train.errors import UserError
-from graft.train.loop import split_batch
 from graft.train.metrics import MetricsLog, wandb_mode
+from graft.train.stopwatch import Stopwatch
 
 
 def labels_of(stream: BatchStream, count: int) -> list[list[int]]:
@@ -172,3 +173,21 @@ def test_a_resumed_log_drops_lines_after_the_checkpoint(tmp_path):
         {"step": 2, "a": 2},
         {"step": 3, "a": 30},
     ]
+
+
+def test_the_stopwatch_counts_steps_not_pauses_and_carries_over_a_resume(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("graft.train.stopwatch.time.perf_counter", lambda: now[0])
+    watch = Stopwatch()  # the session starts at 100
+    watch.load_state_dict({"train_seconds": 5.0, "wall_seconds": 50.0})  # earlier sessions
+    now[0] = 110.0  # setup is wall time, not training time
+    watch.start(samples=64)
+    now[0] = 112.0
+    assert watch.samples_per_s(samples=96) == 16.0  # 32 samples in 2 training seconds
+    with watch.paused():  # an evaluation
+        now[0] = 130.0
+    now[0] = 131.0
+    assert watch.samples_per_s(samples=112) == 16.0  # the pause is not in the window
+    watch.stop()
+    now[0] = 140.0
+    assert watch.state_dict() == {"train_seconds": 5.0 + 3.0, "wall_seconds": 50.0 + 40.0}

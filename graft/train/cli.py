@@ -22,10 +22,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from graft.train.checks import check_before_building
 from graft.train.config import CONFIGS, GROUP_FOLDERS, group_options, register_resolvers
 from graft.train.errors import RunDirTaken, UserError, exit_with
-from graft.train.loop import check_before_building, train, write_error_log
+from graft.train.loop import train
 from graft.train.strict import check_config
+from graft.train.summary import write_error_log
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,22 @@ step. Every schedule may start with a linear warmup from 0 over `warmup_steps`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
+
+from graft.common.validation import (
+    POSITIVE,
+    UNIT_INTERVAL,
+    Allowed,
+    at_least,
+    first_refused,
+    is_integer,
+    within,
+)
 
 SCHEDULES = ("constant", "step_decay", "linear", "cosine", "polynomial")
 
@@ -74,6 +85,19 @@ def build_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+# The options' defaults, as lr_multiplier takes them.
+OPTION_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(lr_multiplier).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+
+INCREASING_STEPS = Allowed(
+    lambda v: all(is_integer(m) and m >= 0 for m in v) and list(v) == sorted(v),
+    "increasing step numbers",
+)
+
+
 class ScheduleError(ValueError):
     """A schedule name or option out of range; `key` names the option (None: the name)."""
 
@@ -87,25 +111,13 @@ def check_schedule(name: str, max_steps: int, **options: float) -> None:
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
     limits = {
-        "max_steps": (max_steps, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        "warmup_steps": (
-            options.get("warmup_steps", 0),
-            lambda v: isinstance(v, int) and 0 <= v <= max_steps,
-            f"an integer in [0, max_steps={max_steps}]",
-        ),
-        "decay_rate": (options.get("decay_rate", 0.1), lambda v: 0 < v <= 1, "in (0, 1]"),
-        "decay_every": (
-            options.get("decay_every", 1),
-            lambda v: isinstance(v, int) and v >= 1,
-            "an integer >= 1",
-        ),
-        "milestones": (
-            options.get("milestones", ()),
-            lambda v: all(isinstance(m, int) and m >= 0 for m in v) and list(v) == sorted(v),
-            "increasing step numbers",
-        ),
-        "final_ratio": (options.get("final_ratio", 0.0), lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "power": (options.get("power", 1.0), lambda v: v > 0, "> 0"),
+        "max_steps": at_least(1, integer=True),
+        "warmup_steps": within(0, max_steps, integer=True, high_name="max_steps"),
+        "decay_rate": within(0, 1, open_low=True),
+        "decay_every": at_least(1, integer=True),
+        "milestones": INCREASING_STEPS,
+        "final_ratio": UNIT_INTERVAL,
+        "power": POSITIVE,
     }
     unknown = sorted(set(options) - set(limits))
     if unknown:
@@ -113,10 +125,9 @@ def check_schedule(name: str, max_steps: int, **options: float) -> None:
             f"unknown schedule option {unknown[0]!r}; allowed: {', '.join(sorted(limits))}",
             unknown[0],
         )
-    for key, (value, ok, allowed) in limits.items():
-        try:
-            good = ok(value)
-        except TypeError:  # a string where a number belongs
-            good = False
-        if not good:
-            raise ScheduleError(f"invalid schedule {key}={value!r}; allowed: {allowed}", key)
+    values = {"max_steps": max_steps, **OPTION_DEFAULTS, **options}
+    key = first_refused(values, limits)
+    if key is not None:
+        raise ScheduleError(
+            f"invalid schedule {key}={values[key]!r}; allowed: {limits[key].text}", key
+        )

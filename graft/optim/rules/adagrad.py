@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graft.common.validation import NON_NEGATIVE, POSITIVE
 from graft.optim.rules.base import (
-    NON_NEGATIVE,
-    POSITIVE,
     Flags,
     Hyper,
     Rule,

@@ -7,10 +7,9 @@ import math
 import torch
 from torch import Tensor
 
+from graft.common.validation import NON_NEGATIVE, POSITIVE
 from graft.optim.rules.base import (
     BETAS,
-    NON_NEGATIVE,
-    POSITIVE,
     Flags,
     Hyper,
     Rule,

@@ -13,33 +13,20 @@ are computed on the host in double precision (`scalars`), as the foreach form do
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from graft.common.validation import NON_NEGATIVE, Allowed, first_refused, pair_of, within
 from graft.optim.update import Update
 
 Hyper = dict[str, Any]
 Flags = dict[str, bool]
 
 
-@dataclass(frozen=True)
-class Allowed:
-    """A hyperparameter's allowed values: a test, and how the error message says it."""
-
-    test: Callable[[Any], bool]
-    text: str
-
-
-NON_NEGATIVE = Allowed(lambda v: v >= 0, ">= 0")
-POSITIVE = Allowed(lambda v: v > 0, "> 0")
-UNIT_INTERVAL = Allowed(lambda v: 0 <= v <= 1, "in [0, 1]")
-BETAS = Allowed(
-    lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "= two values, each in [0, 1)"
-)
+BETAS = pair_of(within(0, 1, open_high=True))  # Adam's and LAMB's moment decay rates
 
 
 @dataclass(frozen=True)
@@ -86,17 +73,13 @@ class Rule:
     @classmethod
     def check(cls, hyper: Hyper, where: str) -> None:
         """Raise ValueError (one line: value, what is allowed) for a bad hyperparameter."""
-        for key, allowed in {"lr": NON_NEGATIVE, **cls.constraints}.items():
-            value = hyper[key]
-            try:
-                good = bool(allowed.test(value))
-            except TypeError:
-                good = False
-            if not good:
-                raise ValueError(
-                    f"invalid {key}={value!r} for '{cls.name}' in {where}; "
-                    f"allowed: {key} {allowed.text}"
-                )
+        limits = {"lr": NON_NEGATIVE, **cls.constraints}
+        key = first_refused(hyper, limits)
+        if key is not None:
+            raise ValueError(
+                f"invalid {key}={hyper[key]!r} for '{cls.name}' in {where}; "
+                f"allowed: {limits[key].of(key)}"
+            )
 
     @classmethod
     def reference_class(cls, hyper: Hyper) -> type[torch.optim.Optimizer] | None:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graft.common.validation import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL
 from graft.optim.rules.base import (
-    NON_NEGATIVE,
-    POSITIVE,
-    UNIT_INTERVAL,
     Flags,
     Hyper,
     Rule,

@@ -1,0 +1,1 @@
+"""Pieces every layer of graft may use (they import nothing else of graft)."""
