@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from graft.common.errors import EXIT_RUN_FAILED, UserError
 from graft.grid import publish
 from graft.grid.compare import compare
 from graft.grid.experiment import available, load_experiment
 from graft.grid.run import main as run_main
 from graft.grid.run import run_grid
 from graft.grid.table import Cell, closer_to
-from graft.train.errors import EXIT_RUN_FAILED, UserError
 
 TINY_EXPERIMENT = """
 name: tiny

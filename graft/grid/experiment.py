@@ -34,8 +34,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from graft.train.config import CONFIGS, cell_name, group_options
-from graft.train.errors import UserError
+from graft.common.errors import UserError
+from graft.common.run_dir import cell_name
+from graft.train.config import CONFIGS, group_options
 from graft.transfer.static import REDUCTIONS
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"

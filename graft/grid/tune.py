@@ -23,9 +23,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from graft.common.errors import UserError
 from graft.grid.experiment import Experiment
 from graft.grid.launch import multirun
-from graft.train.errors import UserError
 
 
 def lower_is_better(metric: str) -> bool:

@@ -28,6 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from graft.common.errors import EXIT_RUN_FAILED, NonFiniteLoss, RunDirTaken, UserError
+from graft.common.provenance import git_sha, hardware, versions
+from graft.common.run_dir import cell_name
 from graft.optim import Graft, state_bytes
 from graft.tasks import Batch, DataError, Task, build_task
 from graft.train import distributed, preemption
@@ -37,15 +40,13 @@ from graft.train.checkpoints import (
     saved_checkpoints,
     write_atomically,
 )
-from graft.train.config import cell_name, config_differences
+from graft.train.config import config_differences
 from graft.train.data import BatchStream
-from graft.train.errors import EXIT_RUN_FAILED, NonFiniteLoss, RunDirTaken, UserError
 from graft.train.metrics import MetricsLog, NoMetrics, wandb_mode
 from graft.train.optimizer import build_optimizer, check_optimizer, optimizer_specs
-from graft.train.provenance import git_sha, hardware, versions
+from graft.train.replay import replay_multipliers
 from graft.train.run_lock import hold_run_dir
 from graft.train.schedules import ScheduleError, build_schedule, check_schedule
-from graft.transfer.replay import replay_multipliers
 
 log = logging.getLogger(__name__)
 
