@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from graft.common.run_dir import read_summary
 from graft.tasks import build_task
 from graft.train.config import CONFIGS, register_resolvers
 from graft.train.loop import train
@@ -55,7 +55,7 @@ def config(task_overrides: list[str], steps: int) -> dict:
 def graft_train_rate(cfg: dict) -> float:
     with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(io.StringIO()):
         assert train(cfg, Path(run_dir)) == 0
-        return json.loads((Path(run_dir) / "summary.json").read_text())["samples_per_s"]
+        return read_summary(Path(run_dir))["samples_per_s"]
 
 
 def bare_loop_rate(cfg: dict) -> float:

@@ -32,12 +32,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import graft.grid.run as grid_run
+import graft.grid.studies as studies
 import graft.grid.tune as grid_tune
-import graft.transfer.studies as studies
+from graft.common.errors import UserError
 from graft.grid.experiment import available, load_experiment
 from graft.train.cli import compose_run
 from graft.train.config import register_resolvers
-from graft.train.errors import UserError
 from graft.train.optimizer import optimizer_specs
 
 PLACEHOLDER_LR = 0.123

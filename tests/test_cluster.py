@@ -20,11 +20,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
+from graft.common.errors import UserError
 from graft.train import distributed, preemption, run_lock
 from graft.train.checkpoints import saved_checkpoints
 from graft.train.cli import main
 from graft.train.config import CONFIGS, register_resolvers
-from graft.train.errors import UserError
 from graft.train.loop import train
 from graft.train.metrics import read_metrics
 from tests.test_train import TINY, config, train_in_process

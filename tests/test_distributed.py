@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from graft import Graft
-from graft.train.errors import UserError
+from graft.common.errors import UserError
 from tests.test_train import train_in_process
 
 # GroupNorm: the gradient does not depend on how the batch is split; fp64: no rounding drift.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from graft.common.errors import EXIT_RUN_FAILED, UserError
 from graft.grid import publish
 from graft.grid.compare import compare
 from graft.grid.experiment import available, load_experiment
@@ -17,7 +18,6 @@ from graft.grid.run import comparable, run_grid
 from graft.grid.run import main as run_main
 from graft.grid.table import Cell, closer_to
 from graft.grid.tuning_record import chosen_lrs, table_header, table_row
-from graft.train.errors import EXIT_RUN_FAILED, UserError
 
 TINY_EXPERIMENT = """
 name: tiny

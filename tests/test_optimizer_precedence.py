@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from graft.common.errors import UserError
 from graft.grid import run
 from graft.grid.experiment import load_experiment
 from graft.train import cli
 from graft.train.cli import compose_run
-from graft.train.errors import UserError
 from graft.train.optimizer import optimizer_specs, refuse_two_sources
 from graft.train.strict import check_config
 from tests.refusals import assert_refused

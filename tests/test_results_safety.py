@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from graft.common.errors import UserError
 from graft.grid import compare, publish, run, table
 from graft.grid.publish import finished_in, refuse_to_shrink, replace_folder, tuned_in, write_files
 from graft.grid.table import failure_of, gather_runs
-from graft.train.errors import UserError
 from graft.transfer import cli as static_cli
 from tests.refusals import tree_hashes
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from graft.common.errors import EXIT_RUN_FAILED, UserError
 from graft.grid import publish
 from graft.grid.experiment import load_experiment
 from graft.grid.run import main as grid_main
 from graft.grid.run import run_grid
-from graft.train.errors import EXIT_RUN_FAILED, UserError
-from graft.transfer.recorded import Recorded
+from graft.train.recorded import Recorded
 from graft.transfer.trend import fit_trend
 
 STUDY = """

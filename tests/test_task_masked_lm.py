@@ -331,7 +331,7 @@ def no_hub(monkeypatch):
     """The hub unreachable (a closed port), offline mode off; datasets must not be asked."""
     import socket
 
-    from graft import network
+    from graft.common import network
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

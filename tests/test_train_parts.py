@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from graft.common.errors import UserError
 from graft.train.checkpoints import load_newest_checkpoint, save_checkpoint, saved_checkpoints
 from graft.train.checks import split_batch
 from graft.train.cli import check_overrides
 from graft.train.config import config_differences
 from graft.train.data import BatchStream, EpochSampler
-from graft.train.errors import UserError
 from graft.train.metrics import MetricsLog, wandb_mode
 from graft.train.stopwatch import Stopwatch
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from graft.common.errors import UserError
 from graft.tasks import build_task
-from graft.train.errors import UserError
+from graft.train.multipliers import load_multipliers
 from graft.train.optimizer import build_optimizer
-from graft.transfer.recorded import Recorded, load_recorded
-from graft.transfer.static import default_window, derive, load_multipliers, parse_window
+from graft.train.recorded import Recorded, load_recorded
+from graft.transfer.static import default_window, derive, parse_window
 from tests.test_train import config, metric_lines, train_in_process
 
 # adam#sgd with every step's norms logged, fp64 so that a replay can match it to 1e-10.
@@ -273,7 +274,7 @@ def test_a_tensor_missing_from_a_norms_line_is_nan_there_not_misaligned(tmp_path
 def test_replay_applies_the_recorded_schedule_exactly_between_logged_steps():
     """Norms every 4 steps of a 10-step warmup: the replayed lr at step 1 is the warmup's
     1/10 times the interpolated schedule-free ratio, not the ratio logged at step 4."""
-    from graft.transfer.replay import ratio_at
+    from graft.train.replay import ratio_at
 
     steps = np.array([4, 8, 12])
     free = np.array([2.0, 2.0, 3.0])

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from graft import network
-from graft.train.errors import UserError
+from graft.common import network
+from graft.common.errors import UserError
 from graft.train.metrics import read_metrics, wandb_mode
 from graft.train.wandb_history import history_rows, read_records, run_logs
 

@@ -1,1 +1,1 @@
-"""Pieces every layer of graft may use (they import nothing else of graft)."""
+"""Pieces every layer of graft may use; the bottom layer, importing no other graft package."""

@@ -10,15 +10,15 @@ under temporary names and renamed, so a failure leaves no half of them.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
-from graft.cli_parser import Parser
+from graft.common.cli_parser import Parser
+from graft.common.errors import UserError, exit_with
+from graft.common.run_dir import SEED_PREFIX, SUMMARY, read_summary
 from graft.grid.publish import write_files
 from graft.grid.table import mean_loss_curve
-from graft.train.errors import UserError, exit_with
-from graft.transfer.recorded import implicit_schedules
+from graft.train.recorded import implicit_schedules
 
 OUTPUT_FILES = ("compare.md", "compare.png")
 
@@ -31,10 +31,10 @@ def runs_of(path: Path) -> list[Path]:
             f"{path} is not a folder: pass a finished run directory or a grid cell directory "
             "(outputs/<experiment>/<M>#<D>)"
         )
-    if (path / "summary.json").exists():
+    if (path / SUMMARY).exists():
         runs = [path]
     else:
-        runs = sorted(run.parent for run in path.glob("seed*/summary.json"))
+        runs = sorted(run.parent for run in path.glob(f"{SEED_PREFIX}*/{SUMMARY}"))
     if not runs:
         raise UserError(
             f"{path} has no summary.json and no seed*/summary.json: pass a finished run "
@@ -42,18 +42,17 @@ def runs_of(path: Path) -> list[Path]:
         )
     for run in runs:
         try:
-            summary = json.loads((run / "summary.json").read_text())
-            summary["status"]
+            read_summary(run)["status"]
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(
-                f"{run / 'summary.json'} is not a readable graft-train summary; rerun that run "
+                f"{run / SUMMARY} is not a readable graft-train summary; rerun that run "
                 "or leave it out"
             ) from None
     return runs
 
 
 def label_of(path: Path) -> str:
-    return path.name if not path.name.startswith("seed") else f"{path.parent.name}/{path.name}"
+    return path.name if not path.name.startswith(SEED_PREFIX) else f"{path.parent.name}/{path.name}"
 
 
 def labelled(paths: list[Path]) -> dict[str, list[Path]]:
@@ -69,10 +68,7 @@ def labelled(paths: list[Path]) -> dict[str, list[Path]]:
 
 
 def metrics_table(groups: dict[str, list[Path]]) -> str:
-    summaries = {
-        label: [json.loads((run / "summary.json").read_text()) for run in runs]
-        for label, runs in groups.items()
-    }
+    summaries = {label: [read_summary(run) for run in runs] for label, runs in groups.items()}
     keys = sorted(
         {key for group in summaries.values() for s in group for key in s if key.startswith("eval/")}
     )

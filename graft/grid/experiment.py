@@ -20,7 +20,7 @@ An experiment (`experiments/<name>.yaml`) holds:
     reference:   {"M#D": {metric: value}}: the paper's numbers where known
     tune:        optional learning-rate sweeps of the diagonal (graft-grid --tune; tune.py)
     study:       optional: instead of the grid's table, a study of its one M#D pair
-                 (graft/transfer/studies.py): {kind: static, window, reduce},
+                 (graft/grid/studies.py): {kind: static, window, reduce},
                  {kind: tuning_transfer, lrs: [D's learning rates]} or {kind: schedule_trend}
 
 Every key is checked when the file loads, in one place (SCHEMA: each key's shape; then `check`:
@@ -41,9 +41,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from graft.common.errors import UserError
+from graft.common.run_dir import cell_name
 from graft.grid.tuning_record import RECORD, TUNED, chosen_lrs
-from graft.train.config import CONFIGS, cell_name, group_options
-from graft.train.errors import UserError
+from graft.train.config import CONFIGS, group_options
 from graft.train.strict import override_key
 from graft.transfer.static import REDUCTIONS
 
@@ -51,7 +52,7 @@ REPOSITORY = Path(__file__).resolve().parents[2]  # where results/ is: tuned_fro
 EXPERIMENTS = REPOSITORY / "experiments"
 TUNED_SUFFIX = "-tuned"  # results/<name>-tuned/: a tuned grid's (graft/grid/publish.py)
 
-# Study kinds and the options each takes (graft/transfer/studies.py).
+# Study kinds and the options each takes (graft/grid/studies.py).
 STUDY_OPTIONS = {
     "static": ("window", "reduce"),
     "tuning_transfer": ("lrs",),
@@ -72,7 +73,7 @@ class Experiment:
     overrides: list[str] = field(default_factory=list)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     tune: dict[str, Any] = field(default_factory=dict)  # see graft/grid/tune.py
-    study: dict[str, Any] = field(default_factory=dict)  # see graft/transfer/studies.py
+    study: dict[str, Any] = field(default_factory=dict)  # see graft/grid/studies.py
     source: Path | None = None
     # The file as it runs: its base merged in, `lr: tuned` filled in (what another version of
     # the experiment is told apart by, graft/grid/run.py).

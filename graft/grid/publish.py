@@ -20,8 +20,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from graft.common.errors import UserError
 from graft.grid.experiment import TUNED_SUFFIX
-from graft.train.errors import UserError
 
 RESULTS = Path(__file__).resolve().parents[2] / "results"
 OUTPUTS = Path("outputs")  # the runs, under the current folder

@@ -16,21 +16,22 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from graft.cli_parser import Parser
+from graft.common.cli_parser import Parser
+from graft.common.errors import EXIT_RUN_FAILED, UserError, exit_with
+from graft.common.run_dir import seed_folder
 from graft.grid import publish
 from graft.grid.experiment import Bad, Experiment, load_experiment, override
 from graft.grid.launch import multirun
 from graft.grid.publish import check_writable, refuse_to_shrink, results_folder, write_files
+from graft.grid.studies import run_study
 from graft.grid.table import Written, write_results
 from graft.grid.tune import run_tuning, tune_block
 from graft.grid.tuning_record import TUNED
 from graft.train.checkpoints import write_atomically
 from graft.train.cli import check_overrides
 from graft.train.config import flatten
-from graft.train.errors import EXIT_RUN_FAILED, UserError, exit_with
 from graft.train.optimizer import refuse_two_sources
 from graft.train.strict import override_key
-from graft.transfer.studies import run_study
 
 DEFAULT_EXPERIMENT = "digits_resnet"
 
@@ -90,7 +91,7 @@ def run_grid(
     force: bool = False,
 ) -> Written:
     """Run (or resume) every cell x seed of `experiment`; write and print its table. An
-    experiment with a study block runs that study instead (graft/transfer/studies.py).
+    experiment with a study block runs that study instead (graft/grid/studies.py).
 
     With `tune`, first sweep the diagonal's learning rates (graft/grid/tune.py) and run the
     grid with the best of each; its results go to results/<experiment>-tuned/. Everything that
@@ -165,7 +166,7 @@ def run_grid(
             f"++logger.group={experiment.name}",
         ],
         sweep_dir,
-        "${cell:${magnitude.name},${direction.name},true}/seed${trainer.seed}",
+        "${cell:${magnitude.name},${direction.name},true}/" + seed_folder("${trainer.seed}"),
     )
     if code:
         print(f"graft-grid: some runs failed (exit {code}); see the table", flush=True)

@@ -24,18 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from graft.cli_parser import Parser
+from graft.common.cli_parser import Parser
+from graft.common.errors import UserError, exit_with
+from graft.common.provenance import git_sha, versions
+from graft.common.run_dir import (
+    ERROR_LOG,
+    METRICS,
+    SEED_PREFIX,
+    SUMMARY,
+    cell_name,
+    read_config,
+    read_summary,
+    seed_folder,
+)
 from graft.grid import publish
 from graft.grid.experiment import Experiment, load_experiment
 from graft.grid.publish import RESULTS, refuse_to_shrink, replace_folder, results_folder
 from graft.grid.wandb_table import log_table
-from graft.train.config import cell_name
-from graft.train.errors import UserError, exit_with
 from graft.train.metrics import read_metrics
-from graft.train.provenance import git_sha, versions
-from graft.transfer.recorded import implicit_schedules
+from graft.train.recorded import implicit_schedules
 
 
 @dataclass(frozen=True)
@@ -94,12 +101,12 @@ def short(text: str) -> str:
 def failure_of(run_dir: Path, seed: int) -> Failure | None:
     """None for a finished run; otherwise why it is not, pointing at its error.log (the
     trainer's full reason, first line first) when there is one."""
-    error_log = run_dir / "error.log"
+    error_log = run_dir / ERROR_LOG
     where = error_log if error_log.is_file() else run_dir
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY
     if summary_path.is_file():
         try:
-            summary = json.loads(summary_path.read_text())
+            summary = read_summary(run_dir)
             status = summary["status"]
         except (OSError, ValueError, KeyError, TypeError):
             return Failure(seed, "summary.json is unreadable", summary_path)
@@ -121,13 +128,13 @@ def gather_runs(folder: Path, seeds: list[int], metrics: list[str]) -> Runs:
     """The runs folder/seed<k>/ for every seed."""
     runs = Runs({metric: [] for metric in metrics}, [], [], 0)
     for seed in seeds:
-        run_dir = folder / f"seed{seed}"
+        run_dir = folder / seed_folder(seed)
         runs.started += run_dir.exists()
         failure = failure_of(run_dir, seed)
         if failure is not None:
             runs.failures.append(failure)
             continue
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir)
         runs.run_dirs.append(run_dir)
         for metric in metrics:
             if metric in summary:
@@ -326,11 +333,7 @@ def plots(results: Path, experiment: Experiment, cells: list[Cell]) -> None:
     for cell in cells:
         if not cell.run_dirs:
             continue
-        lines = [
-            line
-            for line in read_metrics(cell.run_dirs[0] / "metrics.jsonl")
-            if "train/loss" in line
-        ]
+        lines = [line for line in read_metrics(cell.run_dirs[0] / METRICS) if "train/loss" in line]
         axes.plot(
             [line["step"] for line in lines],
             [line["train/loss"] for line in lines],
@@ -385,7 +388,7 @@ def mean_loss_curve(run_dirs: list[Path]) -> tuple[list[int], Any] | None:
 
     curves = []
     for run_dir in run_dirs:
-        lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in line]
+        lines = [line for line in read_metrics(run_dir / METRICS) if "train/loss" in line]
         curves.append(([line["step"] for line in lines], [line["train/loss"] for line in lines]))
     if not curves:
         return None
@@ -454,7 +457,7 @@ def no_runs(experiment: Experiment, sweep_dir: Path, tuned: bool) -> str:
     hint = f"run graft-grid {experiment.name}{' --tune' if tuned else ''} first"
     if not tuned and other.is_dir():
         hint = f"{other} holds tuned runs: graft-table {experiment.name} --tuned"
-    elif tuned and any(other.glob("*/seed*")):
+    elif tuned and any(other.glob(f"*/{SEED_PREFIX}*")):
         hint = f"{other} holds untuned runs: graft-table {experiment.name}"
     return f"no runs of {experiment.name} in {sweep_dir}/ (none of its run folders exist); {hint}"
 
@@ -464,7 +467,7 @@ def write_provenance(
 ) -> None:
     """results/provenance.json: the experiment, code, versions, hardware, and every finished
     run (how graft/grid/publish.py counts what a results folder holds)."""
-    summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in runs]
+    summaries = [read_summary(run_dir) for run_dir in runs]
     provenance = {
         "experiment": experiment.document,
         "tuned": tuned,
@@ -474,10 +477,7 @@ def write_provenance(
         "wall_seconds": round(sum(s["wall_seconds"] for s in summaries), 1),
         # What each run's optimizers were (the experiment's optimizers table applied).
         "optimizers": {str(run_dir): s.get("optimizers") for run_dir, s in zip(runs, summaries)},
-        "runs": {
-            str(run_dir): OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra/config.yaml"))
-            for run_dir in runs
-        },
+        "runs": {str(run_dir): read_config(run_dir) for run_dir in runs},
     }
     (results / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
 

@@ -24,10 +24,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from graft.common.errors import UserError
+from graft.common.run_dir import SUMMARY, seed_folder
 from graft.grid.experiment import Experiment
 from graft.grid.launch import multirun
 from graft.grid.tuning_record import table_header, table_row
-from graft.train.errors import UserError
 
 
 def lower_is_better(metric: str) -> bool:
@@ -74,7 +75,7 @@ def run_tuning(
                 f"trainer.seed={','.join(map(str, seeds))}",
             ],
             folder,
-            f"lr${{optimizers.{name}.lr}}/seed${{trainer.seed}}",
+            f"lr${{optimizers.{name}.lr}}/" + seed_folder("${trainer.seed}"),
         )
         scores = {value: score(folder, value, seeds, metric) for value in values}
         finite = {value: s for value, s in scores.items() if s is not None}
@@ -90,7 +91,7 @@ def score(folder: Path, value: float, seeds: list[int], metric: str) -> float | 
     """The metric's mean over the seeds of one tuning value; None if any seed failed."""
     results = []
     for seed in seeds:
-        path = folder / f"lr{value}" / f"seed{seed}" / "summary.json"
+        path = folder / f"lr{value}" / seed_folder(seed) / SUMMARY
         if not path.exists():
             return None
         summary = json.loads(path.read_text())

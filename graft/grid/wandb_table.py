@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import OmegaConf
-
+from graft.common.run_dir import read_config
 from graft.grid.experiment import Experiment
 from graft.train.metrics import start_wandb, wandb_mode
 
@@ -48,7 +47,7 @@ def log_table(experiment: Experiment, cells: list[Cell], results: Path, sweep_di
     runs = [run_dir for cell in cells for run_dir in cell.run_dirs]
     if not runs:
         return
-    logger = OmegaConf.to_container(OmegaConf.load(runs[0] / ".hydra/config.yaml"))["logger"]
+    logger = read_config(runs[0])["logger"]
     mode = wandb_mode(logger)
     if mode is None:
         return

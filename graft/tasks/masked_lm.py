@@ -60,7 +60,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from graft.network import unreachable
+from graft.common.network import unreachable
 from graft.tasks.base import DataError, Task
 
 SOURCES = ("pydoc", "load_dataset")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from graft.train.errors import UserError
+from graft.common.errors import UserError
 
 log = logging.getLogger(__name__)
 

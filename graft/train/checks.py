@@ -13,14 +13,15 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from graft.common.errors import RunDirTaken, UserError
+from graft.common.run_dir import CONFIG
 from graft.common.validation import BOOLEAN, Allowed, at_least, first_refused, one_of, optional
 from graft.train import distributed
 from graft.train.config import config_differences
-from graft.train.errors import RunDirTaken, UserError
 from graft.train.metrics import wandb_mode
 from graft.train.optimizer import check_optimizer
+from graft.train.replay import replay_multipliers
 from graft.train.schedules import ScheduleError, check_schedule
-from graft.transfer.replay import replay_multipliers
 
 # Parameter dtypes (trainer.dtype): float64 is for exactness checks, such as DDP = one process.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -115,7 +116,7 @@ def refuse_other_config(
     config: Mapping[str, Any], run_dir: Path, checkpoint: Mapping[str, Any] | None
 ) -> None:
     """UserError when run_dir already holds a run of a config that computes differently."""
-    recorded_path = run_dir / ".hydra" / "config.yaml"
+    recorded_path = run_dir / CONFIG
     if recorded_path.exists():
         recorded = OmegaConf.to_container(OmegaConf.load(recorded_path), resolve=True)
     elif checkpoint is not None:

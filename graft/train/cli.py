@@ -22,9 +22,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from graft.common.errors import RunDirTaken, UserError, exit_with
+from graft.common.run_dir import CONFIG, HYDRA
 from graft.train.checks import check_before_building
 from graft.train.config import CONFIGS, GROUP_FOLDERS, group_options, register_resolvers
-from graft.train.errors import RunDirTaken, UserError, exit_with
 from graft.train.loop import train
 from graft.train.strict import check_config
 from graft.train.summary import write_error_log
@@ -173,11 +174,11 @@ def run_hydra(cfg: DictConfig) -> None:
 
     def record_config() -> None:
         """Hydra's own .hydra/ files, written once, after the run dir proved to be this run's."""
-        record = run_dir / ".hydra"
-        if (record / "config.yaml").exists():
+        record = run_dir / HYDRA
+        if (run_dir / CONFIG).exists():
             return
         record.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, record / "config.yaml")
+        OmegaConf.save(cfg, run_dir / CONFIG)
         OmegaConf.save(OmegaConf.create({"hydra": hydra_config}), record / "hydra.yaml")
         OmegaConf.save(
             OmegaConf.create(list(hydra_config.overrides.task)), record / "overrides.yaml"

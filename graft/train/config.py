@@ -8,6 +8,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from graft.common.run_dir import cell_name
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # Command-line group choices and the folder under configs/ their options come from.
@@ -36,21 +38,6 @@ RESUMABLE_CHANGES = (
     "graft.compile",
     "task.data.root",
 )
-
-
-def cell_name(
-    magnitude: str,
-    direction: str,
-    grafting: bool,
-    static: str | None = None,
-    schedule: str | None = None,
-) -> str:
-    """ "adam#sgd" for a grafted pair; the magnitude's name alone without grafting; "+static"
-    or "+replay" after it for per-layer learning rates carried over from a grafted run."""
-    name = f"{magnitude}#{direction}" if grafting else magnitude
-    if static:
-        return name + "+static"
-    return name + "+replay" if schedule == "replay" else name
 
 
 def register_resolvers() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from graft.train.errors import UserError
+from graft.common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,12 @@ from torch import Tensor
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from graft.common.errors import NonFiniteLoss, UserError
+from graft.common.run_dir import CHECKPOINTS, SUMMARY
 from graft.tasks import DataError
 from graft.train import distributed, preemption
 from graft.train.checkpoints import load_newest_checkpoint, save_checkpoint
 from graft.train.checks import check_before_building, refuse_other_config
-from graft.train.errors import NonFiniteLoss, UserError
 from graft.train.run_lock import hold_run_dir
 from graft.train.setup import Run, build_run, rng_state
 from graft.train.stopwatch import Stopwatch
@@ -46,11 +47,11 @@ def train(
     # The rank that writes (rank 0) holds run_dir's lock.
     with preemption.stop_on_signals(), hold_run_dir(run_dir, writer=distributed.writes_files()):
         stopwatch = Stopwatch()  # the session's wall time starts here
-        summary_path = run_dir / "summary.json"
+        summary_path = run_dir / SUMMARY
         if summary_path.exists():  # ended: a rerun of the same config is a no-op, another refused
             refuse_other_config(config, run_dir, None)
             return report_ended_run(summary_path)
-        checkpoint = load_newest_checkpoint(run_dir / "checkpoints")
+        checkpoint = load_newest_checkpoint(run_dir / CHECKPOINTS)
         refuse_other_config(config, run_dir, checkpoint)
         check_before_building(config)
         trainer = config["trainer"]
@@ -220,7 +221,7 @@ def write_checkpoint(run: Run) -> None:
     """Rank 0 writes; every rank's RNG state goes in (a collective: all ranks call this)."""
     rng = distributed.gather(rng_state(run.device))
     if run.ranks.main:
-        directory, keep = run.run_dir / "checkpoints", run.trainer["keep_checkpoints"]
+        directory, keep = run.run_dir / CHECKPOINTS, run.trainer["keep_checkpoints"]
         save_checkpoint(directory, run.progress.step, run.state_dict(rng), keep)
 
 

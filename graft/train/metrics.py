@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from graft.network import unreachable
+from graft.common.errors import UserError
+from graft.common.network import unreachable
+from graft.common.run_dir import METRICS
 from graft.train.checkpoints import write_atomically
-from graft.train.errors import UserError
 from graft.train.wandb_history import history_rows, run_logs
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class MetricsLog:
         run_name: str,
         wandb_id: str | None,
     ) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         kept = [line for line in read_metrics(self.path) if line["step"] <= resume_step]
         write_atomically(
             self.path, lambda temporary: temporary.write_text("".join(map(to_line, kept)))

@@ -13,10 +13,10 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
+from graft.common.errors import UserError
 from graft.optim import Graft
 from graft.train.config import CONFIGS
-from graft.train.errors import UserError
-from graft.transfer.static import load_multipliers
+from graft.train.multipliers import load_multipliers
 
 ROLES = ("magnitude", "direction")
 

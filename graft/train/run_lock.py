@@ -19,7 +19,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from graft.train.errors import RunDirTaken, UserError
+from graft.common.errors import RunDirTaken, UserError
 
 log = logging.getLogger(__name__)
 

@@ -20,18 +20,18 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from graft.common.errors import UserError
+from graft.common.run_dir import cell_name
 from graft.optim import Graft
 from graft.tasks import Batch, DataError, Task, build_task
 from graft.train import distributed
 from graft.train.checks import DTYPES, schedule_message, split_batch
-from graft.train.config import cell_name
 from graft.train.data import BatchStream
-from graft.train.errors import UserError
 from graft.train.metrics import MetricsLog, NoMetrics
 from graft.train.optimizer import build_optimizer
+from graft.train.replay import replay_multipliers
 from graft.train.schedules import ScheduleError, build_schedule
 from graft.train.stopwatch import Stopwatch
-from graft.transfer.replay import replay_multipliers
 
 log = logging.getLogger(__name__)
 

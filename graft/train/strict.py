@@ -19,8 +19,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from graft.common.errors import UserError
 from graft.train.config import CONFIGS, GROUP_FOLDERS, group_options, register_resolvers
-from graft.train.errors import UserError
 from graft.train.optimizer import refuse_two_sources
 
 # Where a config grows keys of its own by design: the per-optimizer table.

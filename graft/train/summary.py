@@ -15,11 +15,12 @@ from typing import Any
 
 from safetensors.torch import save_model
 
+from graft.common.errors import EXIT_RUN_FAILED, NonFiniteLoss
+from graft.common.provenance import git_sha, hardware, versions
+from graft.common.run_dir import CHECKPOINTS, ERROR_LOG, MODEL, SUMMARY
 from graft.optim import state_bytes
 from graft.train.checkpoints import saved_checkpoints, write_atomically
-from graft.train.errors import EXIT_RUN_FAILED, NonFiniteLoss
 from graft.train.optimizer import optimizer_specs
-from graft.train.provenance import git_sha, hardware, versions
 from graft.train.setup import Run
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,9 @@ def finish(run: Run, status: str, ended: Mapping[str, Any]) -> int:
     summary = summarize(run, status, ended)
     if run.ranks.main:
         if summary["status"] == "finished":
-            write_atomically(
-                run.run_dir / "model.safetensors", lambda path: save_model(run.model, str(path))
-            )
+            write_atomically(run.run_dir / MODEL, lambda path: save_model(run.model, str(path)))
         write_atomically(
-            run.run_dir / "summary.json",
+            run.run_dir / SUMMARY,
             lambda path: path.write_text(json.dumps(summary, indent=2)),
         )
     run.metrics.close(summary)
@@ -75,7 +74,7 @@ def summarize(run: Run, status: str, ended: Mapping[str, Any]) -> dict[str, Any]
 def diverged(run: Run, error: NonFiniteLoss) -> dict[str, Any]:
     """How a run stopped by a non-finite value ended (for its summary), said in the log and
     in error.log with where its last good checkpoint is."""
-    kept = saved_checkpoints(run.run_dir / "checkpoints")
+    kept = saved_checkpoints(run.run_dir / CHECKPOINTS)
     where = (
         f"the last good checkpoint is {kept[-1]}"
         if kept
@@ -111,7 +110,7 @@ def report_ended_run(summary_path: Path) -> int:
 def write_error_log(run_dir: Path, reason: str, details: str = "") -> None:
     """run_dir/error.log: why the run ended in error (first line), then any details."""
     text = reason.strip() + "\n" + (details.rstrip() + "\n" if details else "")
-    write_atomically(run_dir / "error.log", lambda path: path.write_text(text))
+    write_atomically(run_dir / ERROR_LOG, lambda path: path.write_text(text))
 
 
 def format_metrics(summary: Mapping[str, Any]) -> str:

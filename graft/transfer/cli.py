@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from graft.cli_parser import Parser
-from graft.train.errors import UserError, exit_with
-from graft.transfer.recorded import load_recorded
+from graft.common.cli_parser import Parser
+from graft.common.errors import UserError, exit_with
+from graft.train.recorded import load_recorded
 from graft.transfer.static import REDUCTIONS, derive, parse_window, write_multipliers
 
 

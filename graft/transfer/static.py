@@ -1,7 +1,7 @@
 """A static per-layer learning-rate correction derived from a grafted run (ICLR 2022, §5).
 
 In M#D, D's step on tensor i at step t is lr_D · r_i(t) · (D's unit-lr step), with
-r_i(t) = ‖u_M‖/‖u_D‖ holding the run's schedule s(t) (graft/transfer/recorded.py). The static
+r_i(t) = ‖u_M‖/‖u_D‖ holding the run's schedule s(t) (graft/train/recorded.py). The static
 multiplier is the schedule-free part of that ratio, reduced over a window of steps:
 
     m_i = reduce over t in window of  r_i(t) / s(t)
@@ -25,14 +25,12 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from graft.train.errors import UserError
-
-if TYPE_CHECKING:  # the trainer imports this module, and recorded.py imports the trainer's
-    from graft.transfer.recorded import Recorded
+from graft.common.errors import UserError
+from graft.train.recorded import Recorded
 
 REDUCTIONS = ("median", "mean")
 SKIPPED_FRACTION = 0.1  # with no warmup, the default window skips this much of the run
@@ -121,41 +119,3 @@ def write_multipliers(path: Path, content: Mapping[str, Any]) -> None:
         raise UserError(
             f"cannot write {path} ({error.strerror}: {error.filename}); choose another path"
         ) from None
-
-
-def load_multipliers(path: str | Path, names: list[str]) -> dict[str, float]:
-    """name -> multiplier for exactly `names` (the model's trainable parameters); UserError
-    naming the file and the first mismatches otherwise."""
-    where = f"static={path}"
-    try:
-        content = json.loads(Path(path).read_text())
-        multipliers = content["multipliers"]
-    except FileNotFoundError:
-        raise UserError(
-            f"{where}: no such file (make one with graft-static derive RUN_DIR)"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{where}: not a multipliers file from graft-static derive") from None
-    missing = [name for name in names if name not in multipliers]
-    unknown = [name for name in multipliers if name not in set(names)]
-    if missing or unknown:
-        raise UserError(
-            f"{where}: its parameter names do not match the model's (missing: "
-            f"{', '.join(missing[:3]) or 'none'}; not in the model: "
-            f"{', '.join(unknown[:3]) or 'none'}); derive it from a run of the same task and model"
-        )
-    bad = [
-        name
-        for name in names
-        if not (
-            isinstance(multipliers[name], float | int)
-            and multipliers[name] > 0
-            and math.isfinite(multipliers[name])
-        )
-    ]
-    if bad:
-        raise UserError(
-            f"{where}: multiplier {multipliers[bad[0]]!r} for {bad[0]}; allowed: a finite "
-            "number > 0"
-        )
-    return {name: float(multipliers[name]) for name in names}

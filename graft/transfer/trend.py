@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graft.transfer.recorded import Recorded
+from graft.train.recorded import Recorded
 
 
 @dataclass

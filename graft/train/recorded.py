@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from graft.train.errors import UserError
+from graft.common.errors import UserError
+from graft.common.run_dir import CONFIG, HYDRA, METRICS, read_config
 from graft.train.metrics import read_metrics
 from graft.train.optimizer import optimizer_specs
 from graft.train.schedules import lr_multiplier
@@ -36,7 +36,7 @@ def implicit_schedules(
     applied: for a run grafted with granularity global, the one ratio every tensor was scaled
     by, √Σ‖u_M‖² / √Σ‖u_D‖² over the line's tensors, in place of each tensor's own.
     """
-    lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if has_norms(line)]
+    lines = [line for line in read_metrics(run_dir / METRICS) if has_norms(line)]
     names = list(dict.fromkeys(key for line in lines for key in line if key.startswith(DIRECTION)))
     names = [name.removeprefix(DIRECTION) for name in names]
     ratios: dict[str, list[float]] = {name: [] for name in names}
@@ -99,10 +99,9 @@ class Recorded:
 def load_recorded(run_dir: Path, what: str = "RUN_DIR") -> Recorded:
     """The recorded schedule of the grafted run in run_dir; UserError (one line) when run_dir
     is not a run, was not grafted, or logged no norms."""
-    config_path = run_dir / ".hydra" / "config.yaml"
-    if not config_path.exists():
-        raise UserError(f"{what} {run_dir} is not a graft-train run directory (no .hydra/)")
-    config = OmegaConf.to_container(OmegaConf.load(config_path))
+    if not (run_dir / CONFIG).exists():
+        raise UserError(f"{what} {run_dir} is not a graft-train run directory (no {HYDRA}/)")
+    config = read_config(run_dir)
     # Global grafting scaled every tensor by one ratio: that, not each tensor's, was applied.
     steps, ratios = implicit_schedules(run_dir, applied=config["graft"]["granularity"] == "global")
     if not steps:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from graft.train.errors import EXIT_USER_ERROR
+from graft.common.errors import EXIT_USER_ERROR
 
 
 class Parser(argparse.ArgumentParser):

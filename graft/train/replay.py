@@ -1,7 +1,7 @@
 """`schedule=replay`: a grafted run's whole per-layer schedule, applied to a plain optimizer.
 
 Tensor i's learning rate at step t is lr · r_i(t), with r_i the run's recorded ‖u_M‖/‖u_D‖
-(graft/transfer/recorded.py). Between logged steps (and before the first) the schedule-free
+(graft/train/recorded.py). Between logged steps (and before the first) the schedule-free
 part q_i = r_i / s is interpolated linearly (held flat outside), and the recorded run's own
 schedule s is applied exactly, so a warmup or a step decay between logged steps is not smeared.
 With lr the recorded run's D learning rate and D as the plain optimizer, the replay takes the
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graft.train.errors import UserError
-from graft.transfer.recorded import load_recorded
+from graft.common.errors import UserError
+from graft.train.recorded import load_recorded
 
 
 def ratio_at(

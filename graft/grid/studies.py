@@ -17,7 +17,6 @@ failed seed's error.log.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from graft.common.run_dir import cell_name, read_summary, seed_folder
 from graft.grid.experiment import Experiment
 from graft.grid.launch import multirun
 from graft.grid.publish import refuse_to_shrink, replace_folder, results_folder
@@ -39,8 +39,7 @@ from graft.grid.table import (
     write_provenance,
 )
 from graft.grid.tune import lower_is_better
-from graft.train.config import cell_name
-from graft.transfer.recorded import load_recorded
+from graft.train.recorded import load_recorded
 from graft.transfer.static import derive, parse_window, write_multipliers
 from graft.transfer.trend import fit_trend
 
@@ -58,7 +57,7 @@ def run_arm(
             f"++logger.group={experiment.name}",
         ],
         sweep_dir,
-        f"{arm}/seed${{trainer.seed}}",
+        f"{arm}/{seed_folder('${trainer.seed}')}",
     )
     return gather_runs(sweep_dir / arm, experiment.seeds, experiment.metrics)
 
@@ -114,7 +113,7 @@ def run_study(
 def state_bytes(runs: Runs) -> int | None:
     if not runs.run_dirs:
         return None
-    return json.loads((runs.run_dirs[0] / "summary.json").read_text())["optimizer_state_bytes"]
+    return read_summary(runs.run_dirs[0])["optimizer_state_bytes"]
 
 
 def headline(experiment: Experiment) -> str:
@@ -133,7 +132,7 @@ def static_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
         d: run_arm(experiment, shared, sweep_dir, d, plain(d)),
         grafted: run_arm(experiment, shared, sweep_dir, grafted, grafted_pair(m, d)),
     }
-    source = sweep_dir / grafted / f"seed{experiment.seeds[0]}"
+    source = sweep_dir / grafted / seed_folder(experiment.seeds[0])
     corrected = f"{d}+static"  # as graft-train names such a run
     if source not in arms[grafted].run_dirs:  # nothing to derive from: the arm cannot run
         reason = f"not run: {grafted} seed {experiment.seeds[0]} did not finish"
