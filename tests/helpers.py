@@ -7,7 +7,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from graft.optim.rules import RULES
+
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+# Each built-in rule at the setting every pair of rules is tested with (the registry's).
+SPECS = {name: {"name": name, **rule.setting} for name, rule in RULES.items()}
 
 
 def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:

@@ -27,7 +27,7 @@ from graft.train.cli import main
 from graft.train.config import CONFIGS, register_resolvers
 from graft.train.loop import train
 from graft.train.metrics import read_metrics
-from tests.test_train import TINY, config, train_in_process
+from tests.runs import TINY, config, train_in_process
 
 # 30 small steps, evaluated twice; checkpoints only at the end, so a stop's checkpoint is the
 # only one in between.

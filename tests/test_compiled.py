@@ -19,8 +19,15 @@ from graft import Graft
 from graft.optim import native
 from graft.optim.rules import variant_specs
 from graft.optim.rules.sgd import SGD
-from tests.helpers import TOLERANCE, assert_trajectories_close, compute_grads, make_model, train
-from tests.test_graft import SPECS
+from tests.helpers import (
+    SPECS,
+    TOLERANCE,
+    assert_trajectories_close,
+    compute_grads,
+    make_model,
+    train,
+)
+from tests.runs import QUIET, relative_differences, train_in_process
 
 STEPS = 10
 # The flags and scalars SPECS leaves off, so that every branch of every rule's pointwise form
@@ -531,11 +538,8 @@ def test_the_trainer_switch_compiles_the_step(tmp_path):
     switched on when resuming an eager run. In float64: in float32 the two steps' rounding,
     amplified by six steps of a BatchNorm model's backward, differs by CPU (4e-4 relative
     on an AVX-512 EPYC)."""
-    from tests.test_distributed import TINY, relative_differences
-    from tests.test_train import train_in_process
-
     overrides = [
-        *TINY,
+        *QUIET,
         "trainer.dtype=float64",
         "trainer.max_steps=6",
         "trainer.eval_every=0",

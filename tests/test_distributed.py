@@ -16,33 +16,22 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from graft import Graft
 from graft.common.errors import UserError
-from tests.test_train import train_in_process
+from tests.runs import QUIET, relative_differences, train_in_process
 
 # GroupNorm: the gradient does not depend on how the batch is split; fp64: no rounding drift.
 EXACT = ["task.model.norm=group", "trainer.dtype=float64", "trainer.eval_every=0"]
-TINY = ["logger=none", "trainer.progress=false", "trainer.log_every=5"]
 
 
 def torchrun(run_dir: Path, *overrides: str, processes: int = 2) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
-    command += ["-m", "graft.train", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
+    command += ["-m", "graft.train", *QUIET, *overrides, f"hydra.run.dir={run_dir}"]
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run_dir.parent
     )
-
-
-def relative_differences(a: Path, b: Path) -> dict[str, float]:
-    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    return {
-        key: float((first[key] - second[key]).norm() / first[key].norm())
-        for key in first
-        if first[key].is_floating_point() and first[key].norm() > 0
-    }
 
 
 def test_two_ranks_at_half_batch_equal_one_process_at_the_full_batch(tmp_path):
@@ -76,7 +65,7 @@ def test_two_ranks_at_half_batch_equal_one_process_at_the_full_batch(tmp_path):
 
 
 def test_accumulation_of_two_half_batches_equals_one_batch(tmp_path):
-    overrides = [*EXACT, *TINY, "trainer.batch_size=16", "trainer.max_steps=20"]
+    overrides = [*EXACT, *QUIET, "trainer.batch_size=16", "trainer.max_steps=20"]
     assert train_in_process(tmp_path / "one_batch", *overrides) == 0
     assert train_in_process(tmp_path / "accumulated", *overrides, "trainer.micro_batch_size=8") == 0
     differences = relative_differences(tmp_path / "one_batch", tmp_path / "accumulated")
@@ -190,7 +179,7 @@ def test_the_trainer_runs_in_mixed_precision(tmp_path, precision):
 def test_the_submitit_launcher_runs_one_cell_as_a_two_rank_job(tmp_path):
     """hydra-submitit-launcher's local executor, as its Slurm one would: ranks from its env."""
     command = [sys.executable, "-m", "graft.train", "-m", "hydra/launcher=submitit_local"]
-    command += ["hydra.launcher.tasks_per_node=2", *TINY, "trainer.max_steps=4"]
+    command += ["hydra.launcher.tasks_per_node=2", *QUIET, "trainer.max_steps=4"]
     command += ["trainer.batch_size=8", "trainer.eval_every=0"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from graft import Graft
-from graft.optim import RULES
-from tests.helpers import assert_trajectories_close, compute_grads, flat, make_model, train
+from tests.helpers import SPECS, assert_trajectories_close, compute_grads, flat, make_model, train
 
 STEPS = 5
 # Each rule as the paper (or its authors) run it (`Rule.setting`).
-SPECS = {name: {"name": name, **rule.setting} for name, rule in RULES.items()}
 PAIRS = list(itertools.product(SPECS, SPECS))
 
 

@@ -11,64 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from graft.train.config import CONFIGS, register_resolvers
-from graft.train.loop import train
-
-REPO = Path(__file__).resolve().parents[1]
-
-# A few fast steps of the default cell (adam#sgd on digits) with every event exercised.
-TINY = [
-    "logger=none",
-    "trainer.batch_size=16",
-    "trainer.max_steps=6",
-    "trainer.eval_every=3",
-    "trainer.log_every=1",
-    "trainer.log_norms_every=3",
-    "trainer.checkpoint_every=2",
-    "trainer.keep_checkpoints=2",
-    "trainer.progress=false",
-]
-
-
-def graft_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """The real CLI in a fresh process (as `python -m graft.train`), in the run's parent."""
-    return subprocess.run(
-        [sys.executable, "-m", "graft.train", *TINY, *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=run_dir.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def config(*overrides: str) -> dict:
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return OmegaConf.to_container(compose("train", [*TINY, *overrides]), resolve=True)
-
-
-def train_in_process(run_dir: Path, *overrides: str) -> int:
-    """train() as the CLI calls it, recording the config the way the CLI does."""
-    cfg = config(*overrides)
-
-    def record() -> None:
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        if not (run_dir / ".hydra" / "config.yaml").exists():
-            OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
-
-    return train(cfg, run_dir, record)
-
-
-def metric_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(lines: list[dict]) -> list[dict]:
-    return [{k: v for k, v in line.items() if k != "train/samples_per_s"} for line in lines]
+from tests.runs import (
+    TINY,
+    graft_train,
+    metric_lines,
+    train_in_process,
+    without_timing,
+)
 
 
 @pytest.fixture(scope="module")

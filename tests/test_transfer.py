@@ -18,7 +18,7 @@ from graft.train.multipliers import load_multipliers
 from graft.train.optimizer import build_optimizer
 from graft.train.recorded import Recorded, load_recorded
 from graft.transfer.static import default_window, derive, parse_window
-from tests.test_train import config, metric_lines, train_in_process
+from tests.runs import config, metric_lines, train_in_process
 
 # adam#sgd with every step's norms logged, fp64 so that a replay can match it to 1e-10.
 SOURCE = [

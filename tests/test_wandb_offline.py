@@ -99,10 +99,12 @@ def test_auto_with_credentials_and_no_network_falls_back_to_offline(compute_node
 
 
 @pytest.mark.parametrize("where", ["logger.mode", "WANDB_MODE"])
-def test_an_explicit_online_without_network_is_refused_in_one_line(compute_node, where):
+def test_an_explicit_online_without_network_is_refused_in_one_line(
+    compute_node, monkeypatch, where
+):
     logger = {**AUTO, "mode": "online"} if where == "logger.mode" else AUTO
     if where == "WANDB_MODE":
-        os.environ["WANDB_MODE"] = "online"
+        monkeypatch.setenv("WANDB_MODE", "online")
     with pytest.raises(UserError) as error:
         wandb_mode(logger)
     message = str(error.value)

@@ -43,6 +43,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from graft.common.errors import UserError
 from graft.common.run_dir import cell_name
+from graft.common.validation import Allowed, at_least
 from graft.grid.tuning_record import RECORD, TUNED, chosen_lrs
 from graft.train.config import CONFIGS, group_options
 from graft.train.strict import override_key
@@ -136,10 +137,12 @@ def shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def kind(test: Callable[[Any], bool], allowed: str) -> Check:
+def kind(allowed: Allowed) -> Check:
+    """The check of one value against its allowed values (graft/common/validation.py)."""
+
     def check(value: Any, key: str) -> None:
-        if not test(value):
-            raise Bad(key, value, allowed)
+        if not allowed.accepts(value):
+            raise Bad(key, value, allowed.text)
 
     return check
 
@@ -148,21 +151,25 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-TEXT = kind(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
-ANY_TEXT = kind(lambda v: isinstance(v, str), "a string")
-SEED = kind(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
-NUMBER = kind(is_number, "a finite number")
-POSITIVE = kind(lambda v: is_number(v) and v > 0, "a number > 0")
+TEXT = kind(Allowed(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"))
+ANY_TEXT = kind(Allowed(lambda v: isinstance(v, str), "a string"))
+SEED = kind(at_least(0, integer=True))
+NUMBER = kind(Allowed(is_number, "a finite number"))
+POSITIVE = kind(Allowed(lambda v: is_number(v) and v > 0, "a number > 0"))
 SCALAR = kind(
-    lambda v: v is None or isinstance(v, str | bool) or is_number(v), "a number, string or bool"
+    Allowed(
+        lambda v: v is None or isinstance(v, str | bool) or is_number(v), "a number, string or bool"
+    )
 )
 NAME = kind(
-    lambda v: (
-        isinstance(v, str)
-        and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) is not None
-        and not v.endswith(TUNED_SUFFIX)
-    ),
-    f"a folder name (letters, digits, _ . -) not ending in {TUNED_SUFFIX!r}",
+    Allowed(
+        lambda v: (
+            isinstance(v, str)
+            and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) is not None
+            and not v.endswith(TUNED_SUFFIX)
+        ),
+        f"a folder name (letters, digits, _ . -) not ending in {TUNED_SUFFIX!r}",
+    )
 )
 
 
