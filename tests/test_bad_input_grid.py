@@ -539,6 +539,7 @@ def context(grid, tmp_path, monkeypatch) -> Context:
     return Context(grid, tmp_path, monkeypatch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("program", "setup"), [(p, s) for p, _, s in CASES], ids=[f"{p} {n}" for p, n, _ in CASES]
 )
@@ -552,6 +553,7 @@ def test_a_mistake_is_one_line_exit_2_and_changes_nothing(context, capsys, progr
 # Unwritable folders: root ignores modes, so these make the folder immutable (tests/refusals.py).
 
 
+@pytest.mark.slow
 def test_graft_table_into_a_read_only_results_root(context, capsys):
     with read_only(context.root / "results"):
         assert_refused(
@@ -559,6 +561,7 @@ def test_graft_table_into_a_read_only_results_root(context, capsys):
         )
 
 
+@pytest.mark.slow
 def test_graft_grid_into_a_read_only_results_root_refuses_before_running(context, capsys):
     with read_only(context.root / "results"):
         assert_refused(
@@ -600,6 +603,7 @@ def test_the_catalogue_is_large_and_every_case_distinct():
 # The other side of the refusals: what --force and a fresh folder allow.
 
 
+@pytest.mark.slow
 def test_graft_table_force_replaces_a_folder_of_more_runs(context, monkeypatch, capsys):
     context.results_holding({"table.md": "# cat\n", "provenance.json": provenance(3)})
     monkeypatch.setattr(sys, "argv", ["graft-table", "cat.yaml", "--force"])
@@ -610,6 +614,7 @@ def test_graft_table_force_replaces_a_folder_of_more_runs(context, monkeypatch, 
     assert sorted(path.name for path in (context.tmp / "results").iterdir()) == ["cat"]
 
 
+@pytest.mark.slow
 def test_graft_table_writes_the_same_count_again_without_force(context, monkeypatch):
     shutil.copytree(context.root / "results", context.tmp / "results")
     context.results_in(context.tmp / "results")
@@ -620,6 +625,7 @@ def test_graft_table_writes_the_same_count_again_without_force(context, monkeypa
     ).read_text()
 
 
+@pytest.mark.slow
 def test_graft_compare_force_replaces_an_earlier_comparison(context, monkeypatch):
     shutil.copytree(context.root / "cmp", context.tmp / "cmp")
     out = context.tmp / "cmp"

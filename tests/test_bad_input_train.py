@@ -88,6 +88,7 @@ BEFORE_HYDRA = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "bad"), BEFORE_HYDRA)
 def test_a_mistake_on_the_command_line_is_one_line_and_writes_nothing(
     overrides, bad, tmp_path, monkeypatch, capsys
@@ -98,6 +99,7 @@ def test_a_mistake_on_the_command_line_is_one_line_and_writes_nothing(
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     blocker = tmp_path / "taken"
@@ -107,6 +109,7 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, 
         assert_refused(cli.main, argv, f"{blocker} is a file", [tmp_path], capsys)
 
 
+@pytest.mark.slow
 def test_a_read_only_run_folder_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "read_only"
@@ -136,6 +139,7 @@ def finished_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_finished_run_given_another_config_is_refused_naming_the_keys(finished_run):
     before = tree_hashes([finished_run])
     result = graft_train(finished_run.parent, f"hydra.run.dir={finished_run}", "magnitude.lr=0.5")
@@ -146,6 +150,7 @@ def test_a_finished_run_given_another_config_is_refused_naming_the_keys(finished
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
 def test_a_run_whose_only_checkpoints_are_unreadable_is_refused(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(run_dir)], check=True)
@@ -160,6 +165,7 @@ def test_a_run_whose_only_checkpoints_are_unreadable_is_refused(finished_run, tm
     assert tree_hashes([run_dir]) == before  # metrics.jsonl not cut back, nothing rewritten
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "bad"),
     [
@@ -180,6 +186,7 @@ def test_a_model_or_split_that_does_not_fit_the_data_is_refused_at_build(tmp_pat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_diverged_run_has_true_timings_and_its_reason_on_disk(tmp_path):
     run_dir = tmp_path / "run"
     result = graft_train(

@@ -125,6 +125,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 # One run directory, one job.
 
 
+@pytest.mark.slow
 def test_a_second_job_on_a_run_directory_refuses_at_once_and_a_killed_one_leaves_no_lock(
     tmp_path, capsys, monkeypatch, one_thread
 ):
@@ -153,6 +154,7 @@ def test_a_second_job_on_a_run_directory_refuses_at_once_and_a_killed_one_leaves
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
 
 
+@pytest.mark.slow
 def test_the_lock_goes_with_the_run_and_a_no_op_changes_nothing(tmp_path, one_thread):
     """The lock is held by the train() call, not the process: the same process runs again."""
     run_dir = tmp_path / "run"
@@ -176,6 +178,7 @@ with hold_run_dir(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.distributed
 def test_a_forked_worker_does_not_keep_a_killed_holders_lock(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
@@ -207,6 +210,7 @@ def test_a_run_directory_that_is_a_file_is_one_line(tmp_path):
 # Preemption and time limits.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
 def test_a_stop_signal_checkpoints_at_the_next_step_and_the_rerun_ends_bit_for_bit(
     tmp_path, uninterrupted, one_thread, signum
@@ -247,6 +251,7 @@ class RecordingLauncher:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
+@pytest.mark.distributed
 def test_under_submitit_the_checkpoint_is_written_before_submitit_requeues(
     tmp_path, monkeypatch, one_thread, environment
 ):
@@ -455,6 +460,7 @@ def slow_to_prepare_rank(rank: int, folder: Path) -> None:
     (folder / f"rank{rank}.json").write_text(json.dumps({"code": code}))
 
 
+@pytest.mark.slow
 def test_the_first_rank_prepares_the_data_while_the_others_wait_past_the_timeout(tmp_path):
     mp.spawn(slow_to_prepare_rank, args=(tmp_path,), nprocs=2)
     for rank in (0, 1):
@@ -483,6 +489,7 @@ def rank_signalled_alone(rank: int, folder: Path) -> None:
     (folder / f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     mp.spawn(rank_signalled_alone, args=(tmp_path,), nprocs=2)
     outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -504,6 +511,7 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_killing_torchrun_stops_its_workers_within_seconds(tmp_path):
     run_dir = tmp_path / "run"
@@ -530,6 +538,7 @@ def test_killing_torchrun_stops_its_workers_within_seconds(tmp_path):
     assert "the launcher (torchrun" in (tmp_path / "torchrun.out").read_text()
 
 
+@pytest.mark.slow
 def test_stop_signals_are_handed_back_after_a_run(tmp_path, one_thread):
     before = {signum: signal.getsignal(signum) for signum in preemption.STOP_SIGNALS}
     assert train_in_process(tmp_path / "run", *RUN, "trainer.max_steps=2") == 0

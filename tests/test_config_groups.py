@@ -105,6 +105,7 @@ def test_logger_files_build_a_mode(logger, monkeypatch):
     assert mode == (None if logger == "none" else ("offline", "WANDB_MODE=offline"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["digits_resnet", "tiny_bert", "imagenet_resnet50"])
 def test_task_files_build_their_task_optimizer_and_schedule(task, tmp_path):
     overrides = [f"task={task}", f"cache_dir={tmp_path / 'cache'}"]

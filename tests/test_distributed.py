@@ -22,6 +22,8 @@ from graft import Graft
 from graft.common.errors import UserError
 from tests.runs import QUIET, relative_differences, train_in_process
 
+pytestmark = pytest.mark.distributed
+
 # GroupNorm: the gradient does not depend on how the batch is split; fp64: no rounding drift.
 EXACT = ["task.model.norm=group", "trainer.dtype=float64", "trainer.eval_every=0"]
 

@@ -52,6 +52,7 @@ def grid(tmp_path_factory) -> tuple[Path, Path]:
     return folder, written.folder
 
 
+@pytest.mark.slow
 def test_every_cell_and_seed_runs_in_its_stable_folder(grid):
     folder, _ = grid
     for cell in ("sgd#sgd", "sgd#adam", "adam#sgd", "adam#adam"):
@@ -66,6 +67,7 @@ def test_every_cell_and_seed_runs_in_its_stable_folder(grid):
     assert summary["optimizers"]["magnitude"]["lr"] == 1e-3
 
 
+@pytest.mark.slow
 def test_the_table_has_every_cell_mean_and_spread_and_the_closer_to_note(grid):
     folder, results = grid
     table = (results / "table.md").read_text()
@@ -97,6 +99,7 @@ def test_the_table_has_every_cell_mean_and_spread_and_the_closer_to_note(grid):
     assert provenance["tuned"] is False and results.name == "tiny"
 
 
+@pytest.mark.slow
 def test_graft_compare_writes_metrics_and_curves(grid):
     folder, _ = grid
     cells = [folder / "outputs/tiny/adam#sgd", folder / "outputs/tiny/sgd#sgd/seed0"]
@@ -130,6 +133,7 @@ def test_closer_to_calls_each_cell_and_ties_within_the_seed_spread():
     )
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_cells(grid, capfd):
     folder, results = grid
     before = (results / "table.md").read_text()
@@ -139,6 +143,7 @@ def test_a_rerun_skips_finished_cells(grid, capfd):
     assert (results / "table.md").read_text() == before
 
 
+@pytest.mark.slow
 def test_another_version_of_the_experiment_is_refused(grid):
     folder, _ = grid
     changed = tmp = folder / "changed"
@@ -150,6 +155,7 @@ def test_another_version_of_the_experiment_is_refused(grid):
         run_grid(experiment, [], outputs=folder / "outputs", results_root=folder / "results")
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_recorded_the_others_still_run_and_graft_grid_exits_1(
     tmp_path, monkeypatch, capsys
 ):
@@ -176,6 +182,7 @@ def test_a_failing_cell_is_recorded_the_others_still_run_and_graft_grid_exits_1(
     assert adam["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_path):
     path = write_experiment(tmp_path)
     path.write_text(
@@ -216,6 +223,7 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
     assert cell["steps"] == 3  # the grid's own budget, not the tuning runs'
 
 
+@pytest.mark.slow
 def test_with_wandb_on_the_cells_and_the_aggregated_table_go_to_wandb(tmp_path, monkeypatch):
     """W&B for real, offline: each cell is a W&B run, and one more run holds the table."""
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -433,6 +441,7 @@ def test_override_order_alone_is_not_another_version_of_an_experiment():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -41,6 +41,7 @@ BOTH = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "bad"), BOTH)
 def test_graft_train_refuses_a_role_override_and_the_table_setting_one_key(
     overrides, bad, tmp_path, monkeypatch, capsys
@@ -51,6 +52,7 @@ def test_graft_train_refuses_a_role_override_and_the_table_setting_one_key(
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_role_override_and_the_table_of_different_keys_both_apply():
     overrides = ["optim@magnitude=sgd", "graft=off", "magnitude.momentum=0.5"]
     overrides.append("+optimizers.sgd.lr=0.3")

@@ -45,6 +45,7 @@ def summary(folder: Path, name: str, arm: str) -> dict:
     return json.loads((folder / f"outputs/{name}/{arm}/seed0/summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_static_study_runs_four_arms_and_sgd_plus_static_keeps_sgd_state_alone(tmp_path):
     results = run_study(tmp_path, "st", "{kind: static, window: '2:4'}")
     table = (results / "table.md").read_text()
@@ -62,6 +63,7 @@ def test_static_study_runs_four_arms_and_sgd_plus_static_keeps_sgd_state_alone(t
     assert "steps 2..4" in table
 
 
+@pytest.mark.slow
 def test_tuning_transfer_study_reports_best_tuned_d_grafted_d_and_trials_saved(tmp_path):
     results = run_study(
         tmp_path, "tt", "{kind: tuning_transfer, lrs: [0.01, 0.1]}", m="sgd", d="adagrad"
@@ -76,6 +78,7 @@ def test_tuning_transfer_study_reports_best_tuned_d_grafted_d_and_trials_saved(t
     assert (results / "tuning.png").exists()
 
 
+@pytest.mark.slow
 def test_schedule_trend_study_fits_each_seed(tmp_path):
     results = run_study(tmp_path, "tr", "{kind: schedule_trend}", m="sgd", d="adagrad")
     table = (results / "table.md").read_text()
@@ -137,6 +140,7 @@ def test_a_bad_study_block_is_named(tmp_path, study, grid, message):
         load_experiment(str(path))
 
 
+@pytest.mark.slow
 def test_a_study_whose_grafted_run_fails_still_writes_its_table_and_exits_1(
     tmp_path, monkeypatch, capsys
 ):

@@ -158,6 +158,7 @@ def train_on_image_folder(root: Path, run_dir: Path, *overrides: str):
     )
 
 
+@pytest.mark.slow
 def test_imagenet_config_trains_through_the_cli_on_a_tiny_image_folder(tmp_path):
     """task=imagenet_resnet50 (ResNet-50, step decay, ImageFolder) with only sizes scaled down."""
     root = write_image_folder(tmp_path / "imagenet", per_class=2)
@@ -192,6 +193,7 @@ def test_an_unreadable_image_is_named(tmp_path):
         task.train_set[index]
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_met_in_training_ends_the_run_in_one_line(tmp_path):
     """Met in a DataLoader worker: the worker's traceback is not the message."""
     root = write_image_folder(tmp_path / "imagenet", per_class=2)

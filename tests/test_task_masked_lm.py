@@ -74,6 +74,7 @@ def pydoc_task(tmp_path_factory):
     return build(config(), seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
+@pytest.mark.slow
 def test_pydoc_default_builds_full_bert_blocks(pydoc_task):
     task, tokenizer = pydoc_task, pydoc_task.collate.tokenizer
     assert isinstance(task.model, BertForMaskedLM)
@@ -105,6 +106,7 @@ def test_pydoc_default_builds_full_bert_blocks(pydoc_task):
     assert float(sums["loss"]) / int(sums["count"]) == pytest.approx(float(mean), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_masks_follow_the_bert_recipe(pydoc_task):
     tokenizer = pydoc_task.collate.tokenizer
     items = list(pydoc_task.eval_set)
@@ -129,6 +131,7 @@ def test_eval_masks_follow_the_bert_recipe(pydoc_task):
     assert list(again["input_ids"]) == inputs.tolist()
 
 
+@pytest.mark.slow
 def test_eval_masks_are_fixed_and_build_draws_only_the_model_init(tmp_path):
     torch.manual_seed(0)
     first = build(config(), seed=0, cache_dir=tmp_path)
@@ -148,6 +151,7 @@ def test_eval_masks_are_fixed_and_build_draws_only_the_model_init(tmp_path):
     assert not torch.equal(*weights)  # the seed still draws the initialisation
 
 
+@pytest.mark.slow
 def test_trained_tokenizer_is_saved_and_reused(tmp_path, monkeypatch):
     cache_dir = tmp_path / "runs" / "cache"  # does not exist yet
     first = build(config(), seed=0, cache_dir=cache_dir)
@@ -288,6 +292,7 @@ def composed(task: str) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+@pytest.mark.slow
 def test_tiny_bert_config_composes_and_builds(tmp_path):
     cfg = composed("tiny_bert")
     assert cfg["schedule"]["name"] == "linear"
@@ -394,6 +399,7 @@ def test_hub_data_or_tokenizer_missing_offline_is_one_line(tmp_path, monkeypatch
     assert "task.data.path=text task.data.data_files=" in message
 
 
+@pytest.mark.slow
 def test_bert_base_on_local_text_with_a_tokenizer_trained_here_runs(tmp_path):
     """README: task.data.path=text task.data.data_files=[...] task.tokenizer.name=null."""
     from graft.train.loop import train

@@ -28,6 +28,7 @@ def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return run_dir, graft_train(run_dir)
 
 
+@pytest.mark.slow
 def test_cli_run_writes_the_run_directory(finished_run):
     run_dir, result = finished_run
     assert result.returncode == 0, result.stderr
@@ -50,6 +51,7 @@ def test_cli_run_writes_the_run_directory(finished_run):
     assert "norms/magnitude/layer1.0.conv1.weight" in norms
 
 
+@pytest.mark.slow
 def test_summary_and_final_weights(finished_run):
     run_dir, _ = finished_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -69,6 +71,7 @@ def test_summary_and_final_weights(finished_run):
     )
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_a_no_op(finished_run):
     run_dir, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
@@ -81,6 +84,7 @@ def test_a_finished_run_is_a_no_op(finished_run):
     }
 
 
+@pytest.mark.slow
 def test_another_config_in_the_same_folder_is_refused(finished_run):
     run_dir, _ = finished_run
     recorded = (run_dir / ".hydra" / "config.yaml").read_text()
@@ -106,6 +110,7 @@ def interrupted_at(run_dir: Path, step: int) -> None:
     (run_dir / "model.safetensors").unlink()
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
@@ -124,6 +129,7 @@ def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path, caplog):
     assert without_timing(metric_lines(resumed)) == without_timing(metric_lines(uninterrupted))
 
 
+@pytest.mark.slow
 def test_a_resume_between_two_log_lines_logs_the_same_losses(tmp_path):
     """Checkpoints at steps 2 and 4, log lines at 3 and 6: the losses of the steps since the
     last log line go into the checkpoint, so the resumed run's mean over 4..6 is the same."""
@@ -136,6 +142,7 @@ def test_a_resume_between_two_log_lines_logs_the_same_losses(tmp_path):
     assert without_timing(metric_lines(resumed)) == without_timing(metric_lines(uninterrupted))
 
 
+@pytest.mark.slow
 def test_masked_lm_resume_restores_dropout_and_masking_rng_bit_for_bit(tmp_path, caplog):
     """tiny_bert draws dropout and its training masks from the global RNG: the checkpoint's."""
     caplog.set_level(logging.INFO)
@@ -167,6 +174,7 @@ def test_masked_lm_resume_restores_dropout_and_masking_rng_bit_for_bit(tmp_path,
     assert 0 < lines[-1]["eval/accuracy"] < 1 and lines[-1]["eval/loss"] > 0
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_and_compile_switches(tmp_path):
     """All three at once on the CPU (torch.compile needs a C++ compiler: about 30 s here)."""
     switches = ("trainer.bf16=true", "trainer.channels_last=true", "trainer.compile=true")
@@ -177,6 +185,7 @@ def test_bf16_channels_last_and_compile_switches(tmp_path):
     assert "conv1.weight" in weights  # the model's own names, not the compiled wrapper's
 
 
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
@@ -194,6 +203,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
+@pytest.mark.slow
 def test_weights_that_overflow_are_never_saved(tmp_path):
     """One step to inf weights with a finite loss before it: diverged, nothing saved."""
     run_dir = tmp_path / "run"
@@ -206,6 +216,7 @@ def test_weights_that_overflow_are_never_saved(tmp_path):
     assert not list((run_dir / "checkpoints").glob("*.pt"))
 
 
+@pytest.mark.slow
 def test_a_bad_wandb_mode_is_refused_before_anything_is_written(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "sometimes"}
@@ -216,6 +227,7 @@ def test_a_bad_wandb_mode_is_refused_before_anything_is_written(tmp_path):
     assert not (run_dir / ".hydra").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     result = graft_train(run_dir, "optim@magnitude=sgd", "magnitude.lr=1e30", "graft=off")
@@ -230,6 +242,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         assert int(path.stem.split("_")[1]) < summary["failed_step"]
 
 
+@pytest.mark.slow
 def test_default_run_directory_is_stable_per_config(tmp_path):
     def run(*overrides: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "graft.train", "logger=none", "trainer.progress=false"]
@@ -251,6 +264,7 @@ def test_default_run_directory_is_stable_per_config(tmp_path):
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
 def test_a_sweep_puts_each_job_where_its_single_run_would_be(tmp_path):
     command = [sys.executable, "-m", "graft.train", "-m", "optim@magnitude=sgd,adam"]
     command += ["logger=none", "trainer.progress=false", "trainer.max_steps=1"]

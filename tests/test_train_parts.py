@@ -133,6 +133,7 @@ def test_wandb_mode(monkeypatch, tmp_path):
         wandb_mode(auto)
 
 
+@pytest.mark.slow
 def test_metrics_go_to_jsonl_and_an_offline_wandb_run(tmp_path):
     """W&B for real, offline: the run's files land in run_dir/wandb with our metrics."""
     script = f"""

@@ -17,7 +17,7 @@ from graft.tasks import build_task
 from graft.train.multipliers import load_multipliers
 from graft.train.optimizer import build_optimizer
 from graft.train.recorded import Recorded, load_recorded
-from graft.transfer.static import default_window, derive, parse_window
+from graft.transfer.static import default_window, derive, parse_window, write_multipliers
 from tests.runs import config, metric_lines, train_in_process
 
 # adam#sgd with every step's norms logged, fp64 so that a replay can match it to 1e-10.
@@ -99,6 +99,7 @@ def test_a_zero_direction_norm_throughout_gets_multiplier_one():
     assert content["multipliers"]["frozen"] == 1.0 and content["no_ratio"] == ["frozen"]
 
 
+@pytest.mark.slow
 def test_replay_retraces_the_grafted_run(source, tmp_path):
     """Plain SGD at lr_D with each tensor's recorded ‖u_M‖/‖u_D‖ as its schedule takes the
     grafted adam#sgd steps: the same losses to fp64 rounding, step for step."""
@@ -121,6 +122,7 @@ def test_replay_retraces_the_grafted_run(source, tmp_path):
     assert summary["cell"] == "sgd+replay" and not summary["grafting"]
 
 
+@pytest.mark.slow
 def test_sgd_with_static_multipliers_has_per_tensor_lrs_and_sgd_state_alone(source, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "graft.transfer.cli", "derive", str(source)],
@@ -152,8 +154,12 @@ def test_sgd_with_static_multipliers_has_per_tensor_lrs_and_sgd_state_alone(sour
     assert grafted["optimizer_state_bytes"] == 8 * 3 * numel + 4 * tensors
 
 
+@pytest.mark.slow
 def test_static_or_replay_with_grafting_on_is_refused(source):
-    cfg = config(f"static='{source / 'multipliers.json'}'")  # adam#sgd, the default
+    recorded = load_recorded(source)
+    multipliers = source / "static.json"  # its own file: any test may run alone
+    write_multipliers(multipliers, derive(recorded, default_window(recorded), "median"))
+    cfg = config(f"static='{multipliers}'")  # adam#sgd, the default
     model = build_task(cfg["task"], seed=0, cache_dir=Path(".")).model
     with pytest.raises(UserError, match="this run grafts adam#sgd; add graft=off"):
         build_optimizer(model, cfg)
@@ -174,6 +180,7 @@ def test_multipliers_for_another_model_list_the_first_mismatches(tmp_path):
         load_multipliers(path, ["w"])
 
 
+@pytest.mark.slow
 def test_a_run_without_norms_or_without_grafting_says_what_to_set(tmp_path):
     run_dir = tmp_path / "plain"
     assert train_in_process(run_dir, "graft=off", "trainer.max_steps=2") == 0
@@ -185,6 +192,7 @@ def test_a_run_without_norms_or_without_grafting_says_what_to_set(tmp_path):
         load_recorded(quiet)
 
 
+@pytest.mark.slow
 def test_replay_longer_than_the_recorded_run_is_refused(source, tmp_path):
     code = subprocess.run(
         [
@@ -206,6 +214,7 @@ def test_replay_longer_than_the_recorded_run_is_refused(source, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_graft_static_bad_input_is_one_line_and_exit_code_2(source, tmp_path):
     (tmp_path / "taken.json").write_text("{}")
     for args, message in [
@@ -224,6 +233,7 @@ def test_graft_static_bad_input_is_one_line_and_exit_code_2(source, tmp_path):
     assert OmegaConf.load(source / ".hydra/config.yaml").trainer.max_steps == 12
 
 
+@pytest.mark.slow
 def test_a_globally_grafted_run_yields_the_one_ratio_it_applied(tmp_path):
     run_dir = tmp_path / "global"
     assert (
@@ -283,6 +293,7 @@ def test_replay_applies_the_recorded_schedule_exactly_between_logged_steps():
     assert ratio_at(9, steps, free, warmup) == pytest.approx(2.5 * 1.0)
 
 
+@pytest.mark.slow
 def test_static_and_replay_together_are_refused(source):
     cfg = config(
         "optim@magnitude=sgd",

@@ -60,6 +60,7 @@ def test_the_probe_tells_a_listening_host_from_a_closed_port_and_an_unknown_name
     )
 
 
+@pytest.mark.slow
 def test_a_host_that_never_answers_is_given_up_on_after_the_timeout(monkeypatch):
     def hang(*args, **kwargs):
         time.sleep(1)  # outlives the probe's wait, then fails as a dead route would
@@ -131,6 +132,7 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_cli_with_logger_mode_online_and_no_network_exits_2_at_once(tmp_path):
     run_dir = tmp_path / "run"
     env = clean_env(
@@ -175,6 +177,7 @@ print("ID", log.wandb_id)
     return tmp_path, result
 
 
+@pytest.mark.slow
 def test_a_run_with_credentials_and_no_network_logs_offline_and_says_so(offline_run):
     """W&B offline in run_dir/wandb, said in one warning line, and every row recorded."""
     run_dir, result = offline_run
@@ -189,6 +192,7 @@ def test_a_run_with_credentials_and_no_network_logs_offline_and_says_so(offline_
     assert history_rows(log_file) == rows
 
 
+@pytest.mark.slow
 def test_a_torn_transaction_log_reads_up_to_the_tear(offline_run, tmp_path):
     """A kill leaves the .wandb file cut anywhere: reading stops before the torn record."""
     [original] = (offline_run[0] / "wandb").glob("offline-run-*/run-*.wandb")
@@ -219,6 +223,7 @@ def kill_after_checkpoint(command: list[str], env: dict, checkpoint: Path) -> No
     process.wait()
 
 
+@pytest.mark.slow
 def test_after_a_kill_and_a_resume_wandb_holds_every_row_of_metrics_jsonl(tmp_path):
     run_dir = tmp_path / "run"
     command = [
