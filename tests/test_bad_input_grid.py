@@ -118,6 +118,7 @@ CASES: list[tuple[str, str, Setup]] = [
     ("graft-grid", "two experiments", lambda c: (["cat.yaml", "digits_resnet"], "digits_resnet")),
     ("graft-grid", "misspelt option", lambda c: (["cat.yaml", "--tunee"], "--tunee")),
     ("graft-grid", "hydra's -m", lambda c: (["cat.yaml", "-m"], "-m")),
+    ("graft-grid", "a base, not an experiment", lambda c: (["base/digits"], "is a base")),
     ("graft-table", "no experiment", lambda c: ([], "experiment")),
     ("graft-table", "two experiments", lambda c: (["cat.yaml", "tiny_bert"], "tiny_bert")),
     ("graft-table", "unknown experiment", lambda c: (["no_such"], "'no_such'")),

@@ -51,6 +51,7 @@ from graft.transfer.static import REDUCTIONS
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # where results/ is: tuned_from's root
 EXPERIMENTS = REPOSITORY / "experiments"
+BASES = EXPERIMENTS / "base"  # what experiments extend; not experiments themselves
 TUNED_SUFFIX = "-tuned"  # results/<name>-tuned/: a tuned grid's (graft/grid/publish.py)
 
 # Study kinds and the options each takes (graft/grid/studies.py).
@@ -320,6 +321,11 @@ def load_experiment(name_or_path: str) -> Experiment:
         raise UserError(
             f"unknown experiment {name_or_path!r}; available: {', '.join(available())} "
             "(or a path to an experiment YAML)"
+        )
+    if path.resolve().parent == BASES:
+        raise UserError(
+            f"{path} is a base that experiments extend (extends: base/{path.name}), not an "
+            f"experiment; available: {', '.join(available())}"
         )
     raw = read(path)
     if raw is None or raw == {}:
