@@ -19,13 +19,12 @@ their tuned learning rates from it), and runs the grid with the chosen learning 
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from graft.common.errors import UserError
-from graft.common.run_dir import SUMMARY, seed_folder
+from graft.common.run_dir import SUMMARY, read_summary, seed_folder
 from graft.grid.experiment import Experiment
 from graft.grid.launch import multirun
 from graft.grid.tuning_record import table_header, table_row
@@ -91,10 +90,10 @@ def score(folder: Path, value: float, seeds: list[int], metric: str) -> float | 
     """The metric's mean over the seeds of one tuning value; None if any seed failed."""
     results = []
     for seed in seeds:
-        path = folder / f"lr{value}" / seed_folder(seed) / SUMMARY
-        if not path.exists():
+        run_dir = folder / f"lr{value}" / seed_folder(seed)
+        if not (run_dir / SUMMARY).exists():
             return None
-        summary = json.loads(path.read_text())
+        summary = read_summary(run_dir)
         if summary["status"] != "finished" or metric not in summary:
             return None
         results.append(summary[metric])
