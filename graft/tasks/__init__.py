@@ -8,7 +8,7 @@ from typing import Any
 
 from graft.tasks.base import Batch, DataError, Task
 
-KINDS = ("image_classification", "masked_lm")
+KINDS = ("image_classification", "masked_lm", "causal_lm")
 
 
 def build_task(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
@@ -20,7 +20,7 @@ def build_task(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
     kind = cfg["kind"]
     if kind == "image_classification":
         from graft.tasks.image_classification import build
-    elif kind == "masked_lm":
+    elif kind in ("masked_lm", "causal_lm"):
         from graft.tasks.masked_lm import build
     else:
         raise DataError(f"unknown task.kind {kind!r}; allowed: {', '.join(KINDS)}")

@@ -70,10 +70,13 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """`name: resnet` builds torchvision's ResNet class from `block` and `layers` (optionally
     with `norm` batch or group, `in_channels`, and a `small_input` stem: 3x3 stride 1, no
-    max-pool); any other name is a torchvision model (`resnet50`, ...) built untrained with
-    the remaining keywords."""
+    max-pool); `name: cifar_resnet` the three-stage ResNet of He et al. 2016 for small images
+    (`cifar_resnet`); any other name is a torchvision model (`resnet50`, ...) built untrained
+    with the remaining keywords."""
     options = dict(cfg)
     name = options.pop("name")
+    if name == "cifar_resnet":
+        return cifar_resnet(options)
     if name != "resnet":
         try:
             return torchvision.models.get_model(name, weights=None, **options)
@@ -110,6 +113,83 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     if small_input:
         model.maxpool = nn.Identity()
     return model
+
+
+def cifar_resnet(options: Mapping[str, Any]) -> nn.Module:
+    """ResNet-(6n+2) of He et al. 2016, section 4.2: a 3x3 stem of `width` channels, three
+    stages of n = (depth - 2) / 6 torchvision BasicBlocks with width, 2·width and 4·width
+    channels (stride 2 and a 1x1 projection where a stage starts), global average pooling
+    and a linear head. depth 8 with width 16: 78k parameters, about 20 ms per step of 64
+    digits on one CPU thread, where the ImageNet-shaped `resnet` with four stages of
+    64-512 channels has 4.9M and takes about 15 times longer."""
+    allowed = {"depth", "width", "norm", "num_classes", "in_channels"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise DataError(
+            f"unknown task.model.{unknown[0]} for cifar_resnet; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+    depth, width = options.get("depth", 20), options.get("width", 16)
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise DataError(
+            f"task.model.depth={depth!r} is invalid for cifar_resnet; allowed: 6n+2 with n >= 1 "
+            "(8, 14, 20, 32, 44, 56, 110)"
+        )
+    if not isinstance(width, int) or width < 1:
+        raise DataError(f"task.model.width={width!r} is invalid; allowed: an integer >= 1")
+    norm = options.get("norm", "batch")
+    if norm not in RESNET_NORMS:
+        raise DataError(f"unknown task.model.norm {norm!r}; allowed: {', '.join(RESNET_NORMS)}")
+    return CifarResNet(
+        (depth - 2) // 6,
+        width,
+        RESNET_NORMS[norm],
+        options.get("in_channels", 3),
+        options.get("num_classes", 10),
+    )
+
+
+class CifarResNet(nn.Module):
+    """The three-stage ResNet of `cifar_resnet`, with torchvision ResNet's attribute names
+    (conv1, bn1, layer1-3, fc), so its parameters read as a torchvision model's do."""
+
+    def __init__(
+        self, blocks: int, width: int, norm_layer: Any, in_channels: int, num_classes: int
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.relu = nn.ReLU(inplace=True)
+        stages, channels = [], width
+        for stage in range(3):
+            planes = width * 2**stage
+            layer = []
+            for index in range(blocks):
+                stride = 2 if stage > 0 and index == 0 else 1
+                projection = None
+                if stride != 1 or channels != planes:
+                    projection = nn.Sequential(
+                        nn.Conv2d(channels, planes, 1, stride, bias=False), norm_layer(planes)
+                    )
+                layer.append(
+                    BasicBlock(channels, planes, stride, projection, norm_layer=norm_layer)
+                )
+                channels = planes
+            stages.append(nn.Sequential(*layer))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        for module in self.modules():  # torchvision ResNet's initialisation
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = self.relu(self.bn1(self.conv1(images)))
+        features = self.layer3(self.layer2(self.layer1(features)))
+        return self.fc(torch.flatten(self.avgpool(features), 1))
 
 
 def digits_splits(eval_fraction: float) -> tuple[Dataset, Dataset]:

@@ -55,6 +55,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
+    BertLMHeadModel,
     BertTokenizerFast,
     DataCollatorForLanguageModeling,
     PreTrainedTokenizerBase,
@@ -113,6 +114,8 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
     if not data.get("eval_split"):
         check_held_out(eval_blocks, len(eval_docs), len(eval_docs) + len(train_docs), data)
     train_blocks = group_blocks(train_docs, tokenizer, column, seq_len, "train", num_proc)
+    if cfg["kind"] == "causal_lm":
+        return causal_task(cfg, tokenizer, train_blocks, eval_blocks)
     probability = float(data.get("mlm_probability", 0.15))
     eval_set = mask_once(eval_blocks, tokenizer, probability, seed=int(data.get("eval_seed", 0)))
 
@@ -130,6 +133,51 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
         eval_sums=mlm_eval_sums,
         eval_collate=default_collate,  # items are masked already; stack them
     )
+
+
+def causal_task(
+    cfg: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    train_blocks: datasets.Dataset,
+    eval_blocks: datasets.Dataset,
+) -> Task:
+    """The same blocks as a causal language model: BERT's layers with a causal mask
+    (`transformers.BertLMHeadModel`, is_decoder) predict every next token, so each block
+    gives seq_len - 1 targets where masking gives 15 %."""
+    model = BertLMHeadModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            is_decoder=True,
+            **cfg["model"],
+        )
+    )
+    return Task(
+        name=cfg["name"],
+        model=model,
+        train_set=train_blocks.with_format("torch"),
+        eval_set=eval_blocks.with_format("torch"),
+        collate=next_token_batch,
+        loss=mlm_loss,
+        eval_sums=next_token_eval_sums,
+    )
+
+
+def next_token_batch(items: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Stacked blocks, each its own labels (the model shifts them by one)."""
+    input_ids = torch.stack([item["input_ids"] for item in items])
+    return {"input_ids": input_ids, "labels": input_ids}
+
+
+def next_token_eval_sums(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Sums over every next-token prediction: cross entropy, correct ones, their number."""
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    return {
+        "loss": F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"),
+        "accuracy": (logits.argmax(dim=-1) == targets).sum(),
+        "count": torch.tensor(targets.numel(), device=targets.device),
+    }
 
 
 def mlm_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
