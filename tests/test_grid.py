@@ -16,7 +16,6 @@ from graft.grid.compare import compare
 from graft.grid.experiment import available, load_experiment
 from graft.grid.run import comparable, run_grid
 from graft.grid.run import main as run_main
-from graft.grid.table import Cell, closer_to
 from graft.grid.tuning_record import chosen_lrs, table_header, table_row
 
 TINY_EXPERIMENT = """
@@ -68,15 +67,24 @@ def test_every_cell_and_seed_runs_in_its_stable_folder(grid):
 
 
 @pytest.mark.slow
-def test_the_table_has_every_cell_mean_and_spread_and_the_closer_to_note(grid):
+def test_the_table_has_every_cell_mean_and_spread_and_the_verdicts(grid):
     folder, results = grid
     table = (results / "table.md").read_text()
     assert "| M \\ D | sgd | adam |" in table and "(paper 0.5)" in table
     assert table.splitlines()[2].startswith("**Untuned**: the learning rates are the experiment")
     rows = [line for line in table.splitlines() if line.startswith("| **")]
     assert sum(row.count(" ± ") for row in rows) == 8  # 4 cells x 2 metrics, 2 seeds each
+    assert "(mean ± s.e.m. over the finished seeds of [0, 1], n = 2" in table
     assert "- sgd#adam: " in table and "- adam#sgd: " in table
-    assert "closer to" in table or "within the seed spread" in table
+    # Two seeds per cell: every off-diagonal cell is judged, on each metric and the curve.
+    tallies = [line for line in table.splitlines() if line.startswith("On ")]
+    assert [line.split(": ")[0] for line in tallies] == [
+        "On eval/top1",
+        "On eval/loss",
+        "On the train/loss curve",
+    ]
+    assert all(line.endswith(", not judged 0 of 2.") for line in tallies), tallies
+    assert "- sgd#sgd − adam#adam: " in table  # the diagonals' 2·SE check
     rows = list(csv.DictReader((results / "table.csv").open()))
     assert len(rows) == 8 and {row["seeds"] for row in rows} == {"2"}
     top1 = json.loads((folder / "outputs/tiny/adam#sgd/seed1/summary.json").read_text())[
@@ -110,27 +118,6 @@ def test_graft_compare_writes_metrics_and_curves(grid):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError, match="no summary.json and no seed"):
         compare([folder / "outputs"], folder / "compare")
-
-
-def test_closer_to_calls_each_cell_and_ties_within_the_seed_spread():
-    def cell(m, d, *values):
-        return Cell({"loss": list(values)}, [], [], len(values), m, d)
-
-    cells = [
-        cell("a", "a", 1.0, 1.0),
-        cell("a", "b", 1.1, 1.1),  # 0.1 from a#a, 0.9 from b#b: the magnitude's
-        cell("b", "a", 1.2, 1.2),  # 0.8 from b#b, 0.2 from a#a: the direction's
-        cell("b", "b", 2.0, 2.0),
-    ]
-    lines = closer_to(cells, "loss")
-    assert lines[0].startswith("- a#b: 1.1000, closer to M#M")
-    assert lines[1].startswith("- b#a: 1.2000, closer to D#D")
-    assert "1 of 2 closer to the magnitude's M#M, 1 to the direction's D#D, 0 within" in lines[2]
-    noisy = [*cells[:3], cell("b", "b", 1.0, 3.0)]  # b#b's spread swallows both gaps
-    assert (
-        "0 of 2 closer to the magnitude's M#M, 0 to the direction's D#D, 2 within"
-        in (closer_to(noisy, "loss")[-1])
-    )
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ An experiment (`experiments/<name>.yaml`) holds:
     metrics:     summary keys that fill the table (eval/top1, ...); the first is the headline
     reference:   {"M#D": {metric: value}}: the paper's numbers where known
     tune:        optional learning-rate sweeps of the diagonal (graft-grid --tune; tune.py)
+    verdict:     optional: how graft-table judges each M#D against M#M and D#D
+                 (graft/grid/verdict.py): {curve: train/loss, resamples: 10000}, the defaults
     study:       optional: instead of the grid's table, a study of its one M#D pair
                  (graft/grid/studies.py): {kind: static, window, reduce},
                  {kind: tuning_transfer, lrs: [D's learning rates]} or {kind: schedule_trend}
@@ -76,6 +78,7 @@ class Experiment:
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     tune: dict[str, Any] = field(default_factory=dict)  # see graft/grid/tune.py
     study: dict[str, Any] = field(default_factory=dict)  # see graft/grid/studies.py
+    verdict: dict[str, Any] = field(default_factory=dict)  # see graft/grid/verdict.py
     source: Path | None = None
     # The file as it runs: its base merged in, `lr: tuned` filled in (what another version of
     # the experiment is told apart by, graft/grid/run.py).
@@ -296,6 +299,8 @@ KEYS: dict[str, Check] = {
         ("kind",),
     ),
     "tuned_from": TEXT,
+    # Read by graft-table alone (graft/grid/verdict.py has the defaults).
+    "verdict": fields({"curve": TEXT, "resamples": kind(at_least(100, integer=True))}),
 }
 SCHEMA = fields(KEYS, ("name", "task", "grid", "seeds", "metrics"))
 # A base holds what experiments share; the name (the results folder) is each one's own, and a
@@ -354,6 +359,7 @@ def load_experiment(name_or_path: str) -> Experiment:
         reference=dict(raw.get("reference") or {}),
         tune=dict(raw.get("tune") or {}),
         study=dict(raw.get("study") or {}),
+        verdict=dict(raw.get("verdict") or {}),
         source=path,
         document=raw,
     )

@@ -5,8 +5,10 @@ graft-grid --tune made (outputs/<experiment>/tuned/) to results/<experiment>-tun
 folder is replaced in one piece, and never by fewer finished runs without --force
 (graft/grid/publish.py).
 
-Written there: table.md (rows M, columns D, mean ± std over seeds, the paper's number beside ours
-where known, and for every off-diagonal cell whether M#D lands closer to M#M or to D#D),
+Written there: table.md (rows M, columns D, mean ± s.e.m. over seeds, the paper's number beside
+ours where known, and for every off-diagonal cell a verdict with seed uncertainty: closer to M#M,
+closer to D#D, far from both or can't tell, on each metric and the training curve:
+graft/grid/verdict.py),
 table.csv, table.tex, heatmap.png (the headline metric), curves.png (training loss per cell),
 schedule.png (per-layer ‖u_M‖/‖u_D‖ over steps: the implicit step-size schedule) and
 provenance.json (git SHA, versions, hardware, wall time, every run's resolved config and the
@@ -17,12 +19,16 @@ optimizer settings it ran with). When the cells logged to W&B, the table and plo
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from graft.common.cli_parser import Parser
 from graft.common.errors import UserError, exit_with
@@ -40,6 +46,21 @@ from graft.common.run_dir import (
 from graft.grid import publish
 from graft.grid.experiment import Experiment, load_experiment
 from graft.grid.publish import RESULTS, refuse_to_shrink, replace_folder, results_folder
+from graft.grid.verdict import (
+    CURVE,
+    DIRECTION,
+    FAR,
+    MAGNITUDE,
+    NOT_SEPARATED,
+    RESAMPLES,
+    UNCLEAR,
+    Judgement,
+    difference,
+    judge,
+    log_scale,
+    on_shared_steps,
+    scale,
+)
 from graft.grid.wandb_table import log_table
 from graft.train.metrics import read_metrics
 from graft.train.recorded import implicit_schedules
@@ -70,18 +91,22 @@ class Runs:
         values = self.values.get(metric) or []
         return statistics.fmean(values) if values else None
 
-    def spread(self, metric: str) -> float:
-        """The standard deviation over seeds (0 with fewer than two)."""
+    def spread(self, metric: str, *, sem: bool = False) -> float:
+        """The standard deviation over seeds, or with `sem` the standard error of their mean
+        (std / √n); 0 with fewer than two."""
         values = self.values.get(metric) or []
-        return statistics.stdev(values) if len(values) > 1 else 0.0
+        if len(values) < 2:
+            return 0.0
+        return statistics.stdev(values) / (math.sqrt(len(values)) if sem else 1)
 
-    def text(self, metric: str, reference: float | None = None) -> str:
-        """The mean ± std; the failed seeds named briefly (their reasons: failure_lines)."""
+    def text(self, metric: str, reference: float | None = None, *, sem: bool = False) -> str:
+        """The mean ± std (± s.e.m. with `sem`); the failed seeds named briefly (their
+        reasons: failure_lines)."""
         values = self.values.get(metric) or []
         seeds = ", ".join(str(failure.seed) for failure in self.failures)
         if not values:
             return f"failed (seed {seeds})" if self.failures else "not run"
-        spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        spread = f" ± {self.spread(metric, sem=sem):.4f}" if len(values) > 1 else ""
         shown = f"{statistics.fmean(values):.4f}{spread}"
         if reference is not None:
             shown += f" (paper {reference})"
@@ -176,40 +201,186 @@ def gather(experiment: Experiment, sweep_dir: Path) -> list[Cell]:
     return cells
 
 
-def closer_to(cells: list[Cell], metric: str) -> list[str]:
-    """For each off-diagonal M#D: is its `metric` nearer M#M's or D#D's? Then a tally.
+# What the tally counts, in its order (a verdict of NOT_SEPARATED counts as can't tell).
+NOT_JUDGED = "not judged"
+TALLIED = (MAGNITUDE, DIRECTION, FAR, UNCLEAR, NOT_JUDGED)
+OUTCOME_TEXT = {
+    MAGNITUDE: "closer to M#M",
+    DIRECTION: "closer to D#D",
+    FAR: "far from both",
+    NOT_SEPARATED: "can't tell: M#M and D#D are not separated",
+    UNCLEAR: "can't tell",
+}
 
-    A difference smaller than the largest seed spread of the three cells is called a tie:
-    with few seeds, closer by less than the noise is not closer.
-    """
+
+def trios(cells: list[Cell]) -> list[tuple[Cell, str, str]]:
+    """Each off-diagonal M#D with the names of its M#M and D#D."""
+    return [
+        (cell, cell_name(m, m, True), cell_name(d, d, True))
+        for cell in cells
+        for m, d in [(cell.magnitude, cell.direction)]
+        if m != d
+    ]
+
+
+def not_judged(
+    trio: list[Cell | None], names: list[str], have: Callable[[Cell], int]
+) -> str | None:
+    """Why M#D is not judged (None when it is): a diagonal not in the grid, or the first of
+    the three cells with a failed or missing seed (have(cell): its seeds with the data), or
+    with fewer than two seeds."""
+    for cell, name in zip(trio, names):
+        if cell is None:
+            return f"{name} is not in the grid"
+    for cell in trio:
+        total = len(cell.run_dirs) + len(cell.failures)
+        if total - have(cell):
+            return f"{cell.name} has {total - have(cell)} of {total} seeds failed/missing"
+        if total < 2:
+            return f"{cell.name} has {total} seed; the rule needs 2 or more"
+    return None
+
+
+def outcome(judgement: Judgement) -> str:
+    """The verdict's words, with the interval that decided it where Δ's did not."""
+    text = OUTCOME_TEXT[judgement.verdict]
+    if judgement.verdict == NOT_SEPARATED:
+        return f"{text} (s = {judgement.separation})"
+    if judgement.verdict == FAR:
+        return f"{text} (min(a, b) − g/2 = {judgement.far})"
+    return text
+
+
+# For M#D, M#M, D#D: their arrays for `judge` and the line's words before Δ (from the
+# judgement's distances), or why they are not judged.
+Found = tuple[list[Any], Callable[[Judgement], str]] | str
+
+
+def verdicts(
+    cells: list[Cell],
+    label: str,
+    have: Callable[[Cell], int],
+    data: Callable[[Cell, Cell, Cell], Found],
+    resamples: int,
+) -> list[str]:
+    """A line per off-diagonal cell, judged by graft/grid/verdict.py, then the tally."""
     by_name = {cell.name: cell for cell in cells}
-    lines = []
-    tally = {"M#M": 0, "D#D": 0, "tie": 0}
-    for cell in cells:
-        m, d = cell.magnitude, cell.direction
-        trio = [cell, by_name.get(f"{m}#{m}"), by_name.get(f"{d}#{d}")]
-        if m == d or any(c is None or c.mean(metric) is None for c in trio):
+    lines, outcomes = [], []
+    for cell, own_m, own_d in trios(cells):
+        trio = [cell, by_name.get(own_m), by_name.get(own_d)]
+        reason = not_judged(trio, [cell.name, own_m, own_d], have)
+        found = data(*trio) if reason is None else reason
+        if isinstance(found, str):
+            lines.append(f"- {cell.name}: not judged: {found}")
+            outcomes.append(NOT_JUDGED)
             continue
-        mine, own_m, own_d = (c.mean(metric) for c in trio)
-        to_m, to_d = abs(mine - own_m), abs(mine - own_d)
-        noise = max(c.spread(metric) for c in trio)
-        side = "tie" if abs(to_m - to_d) <= noise else "M#M" if to_m < to_d else "D#D"
-        tally[side] += 1
-        verdict = {
-            "tie": f"neither: the gap is within the seed spread ({noise:.4f})",
-            "M#M": "closer to M#M (the magnitude's)",
-            "D#D": "closer to D#D (the direction's)",
-        }[side]
+        arrays, shown = found
+        judgement = judge(*arrays, resamples=resamples)
         lines.append(
-            f"- {cell.name}: {mine:.4f}, {verdict}; |Δ| to {m}#{m} {to_m:.4f}, "
-            f"to {d}#{d} {to_d:.4f}"
+            f"- {cell.name}: {shown(judgement)}; Δ = {judgement.delta}: {outcome(judgement)}"
+        )
+        outcomes.append(UNCLEAR if judgement.verdict == NOT_SEPARATED else judgement.verdict)
+    if not lines:
+        return ["- (no off-diagonal cells)"]
+    counts = ", ".join(f"{kind} {outcomes.count(kind)} of {len(outcomes)}" for kind in TALLIED)
+    return [*lines, f"\nOn {label}: {counts}."]
+
+
+def final_verdicts(cells: list[Cell], metric: str, resamples: int = RESAMPLES) -> list[str]:
+    """The verdict on each off-diagonal cell's final `metric` (mean over seeds), then a tally."""
+
+    def have(cell: Cell) -> int:
+        return len(cell.values.get(metric) or [])
+
+    def data(md: Cell, mm: Cell, dd: Cell) -> Found:
+        arrays = [np.array(c.values[metric], dtype=float)[:, None] for c in (md, mm, dd)]
+        for cell, values in zip((md, mm, dd), arrays):
+            if not np.isfinite(values).all():
+                return f"{cell.name} has a non-finite {metric}"
+        return (
+            arrays,
+            lambda j: (
+                f"{md.mean(metric):.4f} (to {mm.name} {j.to_magnitude:.4f}, "
+                f"to {dd.name} {j.to_direction:.4f})"
+            ),
+        )
+
+    return verdicts(cells, metric, have, data, resamples)
+
+
+def logged_curves(runs: Runs, metric: str) -> list[tuple[list[int], list[float]]]:
+    """(steps, values) of `metric` from each finished run's metrics.jsonl that logged it; a
+    value that is not a number reads as nan (and keeps its cell from being judged)."""
+    curves = []
+    for run_dir in runs.run_dirs:
+        lines = [line for line in read_metrics(run_dir / METRICS) if metric in line]
+        if lines:
+            values = [line[metric] for line in lines]
+            numbers = [v if isinstance(v, int | float) else math.nan for v in values]
+            curves.append(([line["step"] for line in lines], numbers))
+    return curves
+
+
+def curve_verdicts(cells: list[Cell], metric: str, resamples: int = RESAMPLES) -> list[str]:
+    """The verdict on each off-diagonal cell's whole `metric` curve, on the steps all seeds of
+    it and its diagonals logged (a log scale for losses: graft/grid/verdict.py), then a tally."""
+    logged = {cell.name: logged_curves(cell, metric) for cell in cells}
+    if not any(logged.values()) and any(cell.run_dirs for cell in cells):
+        return [
+            f"- not judged: no finished run logged {metric!r} in its {METRICS} (the curve is "
+            "the experiment's verdict.curve, default train/loss)"
+        ]
+
+    def have(cell: Cell) -> int:
+        return len(logged[cell.name])
+
+    def data(md: Cell, mm: Cell, dd: Cell) -> Found:
+        steps, arrays = on_shared_steps([logged[c.name] for c in (md, mm, dd)])
+        if not steps:
+            return f"no step that every seed of {md.name}, {mm.name} and {dd.name} logged"
+        arrays = [scale(metric, values) for values in arrays]
+        for cell, values in zip((md, mm, dd), arrays):
+            if not np.isfinite(values).all():
+                bad = " (or <= 0, which has no log)" if log_scale(metric) else ""
+                return f"{cell.name} logged a non-finite {metric}{bad}"
+        return (
+            arrays,
+            lambda j: (
+                f"curve distance to {mm.name} {j.to_magnitude:.4f}, to {dd.name} "
+                f"{j.to_direction:.4f} (over {len(steps)} steps)"
+            ),
+        )
+
+    return verdicts(cells, f"the {metric} curve", have, data, resamples)
+
+
+def diagonal_lines(cells: list[Cell], metric: str) -> list[str]:
+    """Whether each pair of diagonal cells differs by more than 2 standard errors of the
+    difference (a proxy where they do not cannot tell M#D's side); nothing without a pair."""
+    diagonals = [cell for cell in cells if cell.magnitude == cell.direction]
+    lines, separated = [], 0
+    for x, y in itertools.combinations(diagonals, 2):
+        few = [c for c in (x, y) if len(c.values.get(metric) or []) < 2]
+        if few:
+            count = len(few[0].values.get(metric) or [])
+            lines.append(
+                f"- {x.name} − {y.name}: not checked ({few[0].name} has {count} finished "
+                "seeds; the check needs 2 or more)"
+            )
+            continue
+        found = difference(x.values[metric], y.values[metric])
+        separated += found.separated
+        side = "separated" if found.separated else "not separated"
+        lines.append(
+            f"- {x.name} − {y.name}: {found.difference:+.4f} (SE {found.standard_error:.4f}): "
+            f"{side}"
         )
     if not lines:
-        return ["- (needs the diagonal cells)"]
+        return []
     return [
+        f"Diagonals on {metric} (difference of means, SE = √(se₁² + se₂²); separated when "
+        f"|difference| > 2·SE): {separated} of {len(lines)} pairs separated",
         *lines,
-        f"\nOn {metric}: {tally['M#M']} of {len(lines)} closer to the magnitude's M#M, "
-        f"{tally['D#D']} to the direction's D#D, {tally['tie']} within the seed spread.",
     ]
 
 
@@ -227,21 +398,35 @@ def learning_rates_line(experiment: Experiment, tuned: bool) -> str:
     )
 
 
+VERDICTS_LEAD = "Verdicts (Δ = b − a with its 95 % bootstrap interval; > 0: closer to M#M):"
+
+
 def markdown(experiment: Experiment, cells: list[Cell], tuned: bool = False) -> str:
     by_name = {cell.name: cell for cell in cells}
+    curve = experiment.verdict.get("curve", CURVE)
+    resamples = experiment.verdict.get("resamples", RESAMPLES)
     parts = [
         f"# {experiment.name}\n",
         learning_rates_line(experiment, tuned),
         experiment.description.strip() + "\n",
     ]
     parts.append(
-        "The diagonal M#M is plain M. Under each table: does M#D land closer to the "
-        "magnitude's own result (M#M) or to the direction's (D#D)? The paper's claim: the "
-        "magnitude decides.\n"
+        "The diagonal M#M is plain M. The paper's claim: the magnitude decides, so M#D lands "
+        "closer to M#M than to D#D. Under each table, each off-diagonal M#D is judged against "
+        "its diagonals, on the final metric and on the whole "
+        f"{curve} curve{' (on a log scale)' if log_scale(curve) else ''}: "
+        "a = its distance to M#M, b = to D#D, Δ = b − a (> 0: closer to M#M), with a 95 % "
+        f"interval in brackets from a bootstrap over seeds ({resamples} resamples). "
+        "The verdict: can't tell when M#M and D#D are not separated (the interval of "
+        "s = M#M − D#D holds 0); far from both when min(a, b) − g/2 > 0 (g: the diagonals' "
+        "distance); closer to M#M or to D#D when Δ's interval excludes 0; else can't tell. "
+        "A cell is judged only when it and both diagonals have every seed finished, 2 or more "
+        "each (graft/grid/verdict.py).\n"
     )
     for metric in experiment.metrics:
         parts.append(
-            f"\n## {metric} (mean ± std over seeds {experiment.seeds}; rows M, columns D)\n"
+            f"\n## {metric} (mean ± s.e.m. over the finished seeds of {experiment.seeds}, "
+            f"n = {len(experiment.seeds)} where none failed; rows M, columns D)\n"
         )
         parts.append("| M \\ D | " + " | ".join(experiment.directions) + " |")
         parts.append("|---|" + "---|" * len(experiment.directions))
@@ -250,10 +435,18 @@ def markdown(experiment: Experiment, cells: list[Cell], tuned: bool = False) -> 
             for d in experiment.directions:
                 name = cell_name(m, d, True)
                 reference = experiment.reference.get(name, {}).get(metric)
-                row.append(by_name[name].text(metric, reference))
+                row.append(by_name[name].text(metric, reference, sem=True))
             parts.append(f"| **{m}** | " + " | ".join(row) + " |")
         parts.append("")
-        parts.extend(closer_to(cells, metric))
+        diagonals = diagonal_lines(cells, metric)
+        if diagonals:
+            parts.extend([*diagonals, ""])
+        parts.extend([VERDICTS_LEAD, *final_verdicts(cells, metric, resamples)])
+    parts.append(
+        f"\n## The {curve} curve (each seed's, compared on the steps all seeds of the three "
+        "cells logged)\n"
+    )
+    parts.extend([VERDICTS_LEAD, *curve_verdicts(cells, curve, resamples)])
     parts.extend(failure_lines({cell.name: cell for cell in cells}))
     return "\n".join(parts) + "\n"
 
