@@ -34,6 +34,7 @@ RESNET_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 RESNET_NORMS = {
     "batch": nn.BatchNorm2d,
     "group": lambda channels: nn.GroupNorm(min(32, channels), channels),
+    "none": lambda channels: nn.Identity(),
 }
 
 
