@@ -16,8 +16,8 @@ from pathlib import Path
 from graft.common.cli_parser import Parser
 from graft.common.errors import UserError, exit_with
 from graft.common.run_dir import SEED_PREFIX, SUMMARY, read_summary
+from graft.grid.plots import mean_loss_curve
 from graft.grid.publish import write_files
-from graft.grid.table import mean_loss_curve
 from graft.train.recorded import implicit_schedules
 
 OUTPUT_FILES = ("compare.md", "compare.png")

@@ -20,13 +20,22 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from graft.common.run_dir import cell_name, read_summary, seed_folder
 from graft.grid.experiment import Experiment
 from graft.grid.launch import multirun
+from graft.grid.plots import (
+    across_seeds,
+    band_handle,
+    count,
+    draw_band,
+    loss_curves,
+    save,
+    seeds_note,
+)
 from graft.grid.publish import refuse_to_shrink, replace_folder, results_folder
 from graft.grid.table import (
     Failure,
@@ -35,13 +44,15 @@ from graft.grid.table import (
     failure_lines,
     gather_runs,
     learning_rates_line,
-    mean_loss_curve,
     write_provenance,
 )
 from graft.grid.tune import lower_is_better
 from graft.train.recorded import load_recorded
 from graft.transfer.static import derive, parse_window, write_multipliers
 from graft.transfer.trend import fit_trend
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def run_arm(
@@ -212,42 +223,56 @@ def recovery(
 def static_plots(
     results: Path, experiment: Experiment, arms: dict[str, Runs], content: dict[str, Any]
 ) -> None:
-    import matplotlib
+    save(multipliers_figure(experiment, content), results / "multipliers.png")
+    save(curves_figure(experiment, arms), results / "curves.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def multipliers_figure(experiment: Experiment, content: dict[str, Any]) -> Figure:
+    """The derived multiplier of every tensor (one run's: the source the table names)."""
+    from matplotlib.figure import Figure
 
     names = list(content["multipliers"])
     values = [content["multipliers"][name] for name in names]
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.16 * len(names) + 2), 4.5))
+    figure = Figure(figsize=(max(6.0, 0.16 * len(names) + 2), 4.8), layout="constrained")
+    axis = figure.subplots()
     axis.bar(range(len(names)), values, color="tab:blue")
+    axis.axhline(1.0, color="0.3", lw=0.8, ls=":")
     axis.set_yscale("log")
     axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    axis.set_ylabel("multiplier m_i (× base lr)")
+    axis.set_ylabel("multiplier m_i (× D's base lr; dotted: 1)")
+    pair = f"{content['magnitude']}#{content['direction']}"
     axis.set_title(
-        f"{experiment.name}: static per-layer correction from {content['magnitude']}#"
-        f"{content['direction']}, steps {content['window'][0]}..{content['window'][1]}"
+        f"{content['reduce']} over steps {content['window'][0]}..{content['window'][1]} of "
+        f"{pair} {Path(content['source']).name}: one run, the source of multipliers.json",
+        fontsize="small",
     )
-    figure.tight_layout()
-    figure.savefig(results / "multipliers.png", dpi=120)
-    plt.close(figure)
-    curves_plot(results / "curves.png", experiment, arms)
+    figure.suptitle(f"{experiment.name}: static per-layer correction from {pair}")
+    return figure
 
 
-def curves_plot(path: Path, experiment: Experiment, arms: dict[str, Runs]) -> None:
-    import matplotlib.pyplot as plt
+def curves_figure(experiment: Experiment, arms: dict[str, Runs]) -> Figure:
+    """Training loss of every arm: the mean over its seeds and a band from the lowest to the
+    highest seed."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for arm, runs in arms.items():
-        curve = mean_loss_curve(runs.run_dirs)
-        if curve is not None:
-            axis.plot(*curve, label=arm)
-    axis.set(xlabel="step", ylabel="train/loss (mean over seeds)", yscale="log")
-    axis.set_title(f"{experiment.name}: training loss")
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    axis = figure.subplots()
+    seeds = len(experiment.seeds)
+    handles = []
+    for index, (arm, runs) in enumerate(arms.items()):
+        band = across_seeds(loss_curves(runs.run_dirs))
+        if band is None:
+            handles.append(Line2D([], [], color=f"C{index}", label=f"{arm}: no finished seed"))
+            continue
+        line = draw_band(axis, band, f"C{index}", lw=1.6)
+        line.set_label(arm + seeds_note(band.seeds, seeds))
+        handles.append(line)
+    axis.set(xlabel="step", ylabel="train/loss (mean over seeds, log scale)", yscale="log")
+    axis.grid(True, alpha=0.3)
+    axis.legend(handles=[*handles, band_handle()], fontsize="small")
+    figure.suptitle(f"{experiment.name}: training loss, {count(seeds, 'seed')} per run")
+    return figure
 
 
 def tuning_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> Study:
@@ -315,33 +340,41 @@ def tuning_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
 def tuning_plot(
     results: Path, experiment: Experiment, sweep: dict[float, Runs], transfer: Runs, grafted: str
 ) -> None:
-    import matplotlib
+    save(tuning_figure(experiment, sweep, transfer, grafted), results / "tuning.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def tuning_figure(
+    experiment: Experiment, sweep: dict[float, Runs], transfer: Runs, grafted: str
+) -> Figure:
+    """D's metric at each learning rate (mean ± std over seeds) against the one grafted run."""
+    from matplotlib.figure import Figure
 
     metric = headline(experiment)
     d = experiment.directions[0]
+    seeds = len(experiment.seeds)
     done = [(lr, runs) for lr, runs in sweep.items() if runs.mean(metric) is not None]
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+    axis = figure.subplots()
     axis.errorbar(
         [lr for lr, _ in done],
         [runs.mean(metric) for _, runs in done],
         yerr=[runs.spread(metric) for _, runs in done],
         marker="o",
         capsize=3,
-        label=f"{d} alone, per lr",
+        label=f"{d} alone, one trial per lr",
     )
     if transfer.mean(metric) is not None:
         mean, spread = transfer.mean(metric), transfer.spread(metric)
-        axis.axhline(mean, color="tab:red", label=f"{grafted} (one trial)")
-        axis.axhspan(mean - spread, mean + spread, color="tab:red", alpha=0.15)
-    axis.set(xscale="log", xlabel=f"{d} learning rate", ylabel=f"{metric} (mean ± std)")
-    axis.set_title(f"{experiment.name}: tuning {d} vs grafting its lr")
+        finished = len(transfer.values.get(metric) or [])
+        note = seeds_note(finished, seeds)
+        axis.axhline(mean, color="tab:red", label=f"{grafted}, one trial at M's lr{note}")
+        axis.axhspan(mean - spread, mean + spread, color="tab:red", alpha=0.15, label="± std")
+    axis.set(xscale="log", xlabel=f"{d} learning rate")
+    axis.set_ylabel(f"{metric} (mean ± std over {seeds} seeds)")
+    axis.grid(True, alpha=0.3)
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(results / "tuning.png", dpi=120)
-    plt.close(figure)
+    figure.suptitle(f"{experiment.name}: tuning {d} vs grafting its lr")
+    return figure
 
 
 def trend_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> Study:
@@ -385,22 +418,29 @@ def trend_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> S
 
 
 def trend_plot(results: Path, experiment: Experiment, trends: dict[str, Any], grafted: str) -> None:
-    import matplotlib
+    save(trend_figure(experiment, trends, grafted), results / "trend.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+def trend_figure(experiment: Experiment, trends: dict[str, Any], grafted: str) -> Figure:
+    """q(t) of every seed (its colour) with its two fits (the line styles)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    figure = Figure(figsize=(7.5, 4.8), layout="constrained")
+    axis = figure.subplots()
     for index, (seed, trend) in enumerate(trends.items()):
-        color = f"C{index}"
-        axis.plot(trend.steps, trend.ratio, color=color, linewidth=1, label=f"{seed}")
-        axis.plot(trend.steps, trend.linear(trend.steps), color=color, linestyle="--", linewidth=1)
-        axis.plot(
-            trend.steps, trend.power_law(trend.steps), color=color, linestyle=":", linewidth=1
-        )
-    axis.set(xlabel="step", ylabel="q(t): median ‖u_M‖/‖u_D‖ ÷ schedule")
-    axis.set_title(f"{experiment.name}: {grafted} (dashed: linear fit, dotted: power law)")
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(results / "trend.png", dpi=120)
-    plt.close(figure)
+        colour = f"C{index}"
+        axis.plot(trend.steps, trend.ratio, color=colour, lw=1.4, label=seed)
+        axis.plot(trend.steps, trend.linear(trend.steps), color=colour, ls="--", lw=1)
+        axis.plot(trend.steps, trend.power_law(trend.steps), color=colour, ls=":", lw=1)
+    seeds = [line for line in axis.lines if not line.get_label().startswith("_")]
+    styles = [
+        Line2D([], [], color="0.3", lw=1.4, label="q(t) as logged"),
+        Line2D([], [], color="0.3", ls="--", lw=1, label="linear fit"),
+        Line2D([], [], color="0.3", ls=":", lw=1, label="power-law fit"),
+    ]
+    axis.legend(handles=[*seeds, *styles], fontsize="small", ncols=2, title="colour = seed")
+    axis.set(xlabel="step", ylabel="q(t): median over tensors of ‖u_M‖/‖u_D‖ ÷ schedule")
+    axis.grid(True, alpha=0.3)
+    figure.suptitle(f"{experiment.name}: {grafted}, the schedule-free ratio and its fits")
+    return figure

@@ -26,7 +26,6 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -35,7 +34,6 @@ from graft.common.errors import UserError, exit_with
 from graft.common.provenance import git_sha, versions
 from graft.common.run_dir import (
     ERROR_LOG,
-    METRICS,
     SEED_PREFIX,
     SUMMARY,
     cell_name,
@@ -45,6 +43,7 @@ from graft.common.run_dir import (
 )
 from graft.grid import publish
 from graft.grid.experiment import Experiment, load_experiment
+from graft.grid.plots import write_plots
 from graft.grid.publish import RESULTS, refuse_to_shrink, replace_folder, results_folder
 from graft.grid.verdict import (
     CURVE,
@@ -62,8 +61,6 @@ from graft.grid.verdict import (
     scale,
 )
 from graft.grid.wandb_table import log_table
-from graft.train.metrics import read_metrics
-from graft.train.recorded import implicit_schedules
 
 
 @dataclass(frozen=True)
@@ -491,108 +488,6 @@ def latex(experiment: Experiment, cells: list[Cell]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: Path, experiment: Experiment, cells: list[Cell]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    metric = experiment.metrics[0]
-    grid = np.array(
-        [
-            [np.nan if (v := cell.mean(metric)) is None else v for cell in row]
-            for row in chunks(cells, len(experiment.directions))
-        ]
-    )
-    figure, axes = plt.subplots(
-        figsize=(1.6 * len(experiment.directions) + 2, 1.2 * len(grid) + 1.5)
-    )
-    image = axes.imshow(grid, cmap="viridis")
-    axes.set_xticks(range(len(experiment.directions)), experiment.directions)
-    axes.set_yticks(range(len(experiment.magnitudes)), experiment.magnitudes)
-    axes.set_xlabel("direction D")
-    axes.set_ylabel("magnitude M")
-    for (i, j), value in np.ndenumerate(grid):
-        if not np.isnan(value):
-            axes.text(j, i, f"{value:.3f}", ha="center", va="center", color="w")
-    figure.colorbar(image, label=metric)
-    axes.set_title(f"{experiment.name}: {metric}")
-    figure.tight_layout()
-    figure.savefig(results / "heatmap.png", dpi=120)
-    plt.close(figure)
-
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for cell in cells:
-        if not cell.run_dirs:
-            continue
-        lines = [line for line in read_metrics(cell.run_dirs[0] / METRICS) if "train/loss" in line]
-        axes.plot(
-            [line["step"] for line in lines],
-            [line["train/loss"] for line in lines],
-            label=cell.name,
-            linestyle="-" if cell.magnitude == cell.direction else "--",
-        )
-    axes.set_xlabel("step")
-    axes.set_ylabel("train/loss")
-    axes.set_yscale("log")
-    axes.set_title(f"{experiment.name}: training loss (seed {experiment.seeds[0]})")
-    axes.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
-    figure.savefig(results / "curves.png", dpi=120)
-    plt.close(figure)
-
-
-def schedule_plot(results: Path, experiment: Experiment, cells: list[Cell]) -> None:
-    """Per-layer ‖u_M‖/‖u_D‖ over steps for every off-diagonal cell: the implicit schedule
-    M imposes on D (the median over tensors in black, a few single tensors in colour)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    grafted = [cell for cell in cells if cell.magnitude != cell.direction and cell.run_dirs]
-    grafted = [(cell, *implicit_schedules(cell.run_dirs[0])) for cell in grafted]
-    grafted = [(cell, steps, ratios) for cell, steps, ratios in grafted if steps]
-    if not grafted:
-        return
-    columns = min(3, len(grafted))
-    rows = -(-len(grafted) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
-    for axis, (cell, steps, ratios) in zip(axes.flat, grafted):
-        names = list(ratios)
-        for name in (names[0], names[len(names) // 2], names[-1]):
-            axis.plot(steps, ratios[name], linewidth=1, label=name)
-        axis.plot(steps, np.nanmedian(np.array(list(ratios.values())), axis=0), "k", label="median")
-        axis.set_yscale("log")
-        axis.set_title(cell.name, fontsize="medium")
-        axis.set_xlabel("step")
-        axis.set_ylabel("‖u_M‖ / ‖u_D‖")
-        axis.legend(fontsize="x-small")
-    for axis in list(axes.flat)[len(grafted) :]:
-        axis.axis("off")
-    figure.suptitle(f"{experiment.name}: implicit step-size schedule (seed {experiment.seeds[0]})")
-    figure.tight_layout()
-    figure.savefig(results / "schedule.png", dpi=120)
-    plt.close(figure)
-
-
-def mean_loss_curve(run_dirs: list[Path]) -> tuple[list[int], Any] | None:
-    """(steps, train/loss averaged over the runs), over the steps all of them logged."""
-    import numpy as np
-
-    curves = []
-    for run_dir in run_dirs:
-        lines = [line for line in read_metrics(run_dir / METRICS) if "train/loss" in line]
-        curves.append(([line["step"] for line in lines], [line["train/loss"] for line in lines]))
-    if not curves:
-        return None
-    length = min(len(steps) for steps, _ in curves)
-    return curves[0][0][:length], np.mean([values[:length] for _, values in curves], axis=0)
-
-
-def chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[index : index + size] for index in range(0, len(items), size)]
-
-
 @dataclass
 class Written:
     """A results folder as written: how many runs finished, of how many, and which failed."""
@@ -632,8 +527,7 @@ def write_results(
         (folder / "table.md").write_text(markdown(experiment, cells, tuned))
         write_csv(folder / "table.csv", experiment, cells)
         (folder / "table.tex").write_text(latex(experiment, cells))
-        plots(folder, experiment, cells)
-        schedule_plot(folder, experiment, cells)
+        write_plots(folder, experiment, cells)
         write_provenance(folder, experiment, runs, tuned)
         if tuning is not None:
             (folder / "tuning.md").write_text(tuning)
