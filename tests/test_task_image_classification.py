@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from graft.tasks import DataError, build_task
-from graft.tasks.image_classification import IMAGENET_MEAN, IMAGENET_STD
+from graft.tasks.image_classification import IMAGENET_MEAN, IMAGENET_STD, build_model
 
 CLASSES = ("n01440764", "n01443537", "n01484850")  # ImageNet-style synset folder names
 
@@ -212,3 +213,49 @@ def test_an_unreadable_image_met_in_training_ends_the_run_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("graft-train: error: cannot read the image ")
     assert str(root / "train") in lines[0] and "replace or remove it" in lines[0]
+
+
+def cifar_resnet(**options):
+    return build_model({"name": "cifar_resnet", "in_channels": 1, "num_classes": 10, **options})
+
+
+@pytest.mark.parametrize(("depth", "blocks"), [(8, 1), (14, 2), (20, 3)])
+def test_cifar_resnet_has_three_stages_of_n_blocks_and_torchvision_names(depth, blocks):
+    model = cifar_resnet(depth=depth, width=16)
+    names = [name for name, _ in model.named_parameters()]
+    assert names[0] == "conv1.weight" and names[-2:] == ["fc.weight", "fc.bias"]
+    for stage, channels in ((1, 16), (2, 32), (3, 64)):
+        layer = getattr(model, f"layer{stage}")
+        assert len(layer) == blocks
+        assert layer[0].conv1.out_channels == channels
+    # A projection where a stage starts (stride 2, more channels); identity shortcuts elsewhere.
+    assert model.layer1[0].downsample is None
+    assert model.layer2[0].downsample is not None and model.layer2[0].conv1.stride == (2, 2)
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_cifar_resnet_depth_8_width_16_is_the_digits_proxy_size():
+    # 3x3 convolutions of 16-32-64 channels, two per block, 1x1 projections, BN scale/shift.
+    assert sum(p.numel() for p in cifar_resnet(depth=8, width=16).parameters()) == 77_754
+
+
+def test_cifar_resnet_without_normalisation_has_no_norm_parameters():
+    model = cifar_resnet(depth=8, width=16, norm="none")
+    assert not [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    assert all(".bn" not in name for name, _ in model.named_parameters())
+    assert torch.isfinite(model(torch.randn(4, 1, 8, 8))).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"depth": 10}, "task.model.depth=10 is invalid for cifar_resnet; allowed: 6n+2"),
+        ({"width": 0}, "task.model.width=0 is invalid"),
+        ({"norm": "layer"}, "unknown task.model.norm 'layer'; allowed: batch, group, none"),
+        ({"layers": [1, 1, 1, 1]}, "unknown task.model.layers for cifar_resnet; allowed:"),
+    ],
+)
+def test_a_bad_cifar_resnet_option_is_one_line_naming_it(options, message):
+    with pytest.raises(DataError) as error:
+        cifar_resnet(**options)
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -494,3 +494,49 @@ def test_training_a_tokenizer_needs_a_vocabulary_size(tmp_path):
     message = bad_input(cfg, tmp_path)
     assert message.startswith("task.tokenizer.vocab_size=None: with task.tokenizer.name=null")
     assert "task.tokenizer.vocab_size=30522" in message
+
+
+@pytest.fixture(scope="module")
+def causal_task(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = {**copy.deepcopy(TINY), "kind": "causal_lm"}
+    return build(cfg, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_causal_lm_predicts_every_next_token_of_the_same_blocks(causal_task, pydoc_task):
+    assert causal_task.model.config.is_decoder
+    assert len(causal_task.train_set) == len(pydoc_task.train_set)  # the same blocks, unmasked
+    items = [causal_task.train_set[i] for i in range(4)]
+    batch = causal_task.collate(items)
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    assert torch.equal(batch["input_ids"][0], items[0]["input_ids"])
+    sums = causal_task.eval_sums(causal_task.model, batch)
+    assert int(sums["count"]) == 4 * (SEQ_LEN - 1)
+    # The training loss is the mean of the same next-token cross entropy.
+    loss = causal_task.loss(causal_task.model, batch)
+    assert loss.item() == pytest.approx(sums["loss"].item() / int(sums["count"]), rel=1e-5)
+    assert 0 <= int(sums["accuracy"]) <= int(sums["count"])
+
+
+def test_causal_lm_sees_only_the_past(causal_task):
+    # Changing the last token changes no earlier prediction: the attention is causal.
+    model = causal_task.model.eval()
+    ids = causal_task.train_set[0]["input_ids"][None]
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        before, after = model(input_ids=ids).logits, model(input_ids=changed).logits
+    assert torch.allclose(before[0, :-1], after[0, :-1], atol=1e-5)
+    assert not torch.allclose(before[0, -1], after[0, -1])
+
+
+@pytest.mark.slow
+def test_pydoc_lm_config_composes_and_builds(tmp_path):
+    cfg = composed("pydoc_lm")
+    torch.manual_seed(0)
+    task = build_task(cfg["task"], seed=0, cache_dir=tmp_path)
+    assert task.model.config.is_decoder and task.model.config.hidden_size == 64
+    assert task.train_set[0]["input_ids"].shape == (cfg["task"]["data"]["seq_len"],)
+    # The budget is about two epochs of the train blocks.
+    epochs = cfg["trainer"]["max_steps"] * cfg["trainer"]["batch_size"] / len(task.train_set)
+    assert 1.5 < epochs < 3

@@ -26,6 +26,7 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from graft.common.errors import UserError, exit_with
 from graft.common.provenance import git_sha, versions
 from graft.common.run_dir import (
     ERROR_LOG,
+    METRICS,
     SEED_PREFIX,
     SUMMARY,
     cell_name,
@@ -61,6 +63,7 @@ from graft.grid.verdict import (
     scale,
 )
 from graft.grid.wandb_table import log_table
+from graft.train.metrics import read_metrics
 
 
 @dataclass(frozen=True)
