@@ -189,6 +189,7 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
         path.read_text().replace("seeds: [0, 1]", "seeds: [0]")
         + "tune:\n  lr: {sgd: [0.01, 0.05], adam: [0.001, 0.003]}\n"
         + "  overrides: [trainer.max_steps=2]\n"
+        + "  extend: 0\n"  # no value beyond an end (tests/test_tuning.py extends)
     )
     results = run_grid(
         load_experiment(str(path)),
@@ -200,10 +201,10 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
     # Tuned results have their own folder, say so at the top, and keep the tuning table.
     assert results == tmp_path / "results/tiny-tuned"
     assert not (tmp_path / "results/tiny").exists()
-    assert (
-        "**Tuned**: each optimizer's learning rate was chosen by `graft-grid --tune`"
-        in (results / "table.md").read_text().splitlines()[2]
-    )
+    header = (results / "table.md").read_text().splitlines()[2]
+    assert "**Tuned**: each optimizer's learning rate was chosen by `graft-grid --tune`" in header
+    # At which budget (not the grid's: the tuning runs' overrides named), and each choice.
+    assert "the tuning runs add tune.overrides [trainer.max_steps=2]" in header
     assert json.loads((results / "provenance.json").read_text())["tuned"] is True
     tuning = (results / "tuning.md").read_text()
     assert (tmp_path / "outputs/tiny/tuning/tuning.md").read_text() == tuning
@@ -214,6 +215,8 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
     }
     assert set(chosen) == {"sgd", "adam"} and chosen["adam"] in (0.001, 0.003)
     assert chosen_lrs(tuning) == chosen  # what an experiment's `lr: tuned` reads back
+    for name in ("adam", "sgd"):  # two values: every choice is at an end, none extended
+        assert f"{name}: {chosen[name]}, not bracketed: at the " in header
     for name in ("sgd", "adam"):
         for value in (0.01, 0.05) if name == "sgd" else (0.001, 0.003):
             summary = tmp_path / f"outputs/tiny/tuning/{name}/lr{value}/seed0/summary.json"
