@@ -150,7 +150,7 @@ CASES: list[tuple[str, str, Setup]] = [
     (
         "graft-grid",
         "a learning rate left null",
-        lambda c: (["imagenet_resnet50"], "optimizers.adam.lr"),
+        lambda c: ([c.variant("lr: 0.05", "lr: null")], "optimizers.sgd.lr is null"),
     ),
     # --- experiment files
     (

@@ -37,9 +37,9 @@ reference:
 """
 
 
-def write_experiment(folder: Path, sgd_lr: float = 0.05) -> Path:
+def write_experiment(folder: Path, sgd_lr: float | None = 0.05) -> Path:
     path = folder / "tiny.yaml"
-    path.write_text(TINY_EXPERIMENT.format(sgd_lr=sgd_lr))
+    path.write_text(TINY_EXPERIMENT.format(sgd_lr="null" if sgd_lr is None else sgd_lr))
     return path
 
 
@@ -284,13 +284,13 @@ SHIPPED = {
         [0, 1, 2],
     ),
     "bert_base": (
-        "task=bert_base +optimizers.adagrad.lr=None +optimizers.adagrad.momentum=0.9 "
-        "+optimizers.adam.lr=0.0001 +optimizers.sgd.lr=None +optimizers.sgd.momentum=0.9",
+        "task=bert_base +optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.adam.lr=0.0001 +optimizers.sgd.lr=0.1 +optimizers.sgd.momentum=0.9",
         9,
         [0],
     ),
     "bert_sgd_static": (
-        "task=bert_base +optimizers.adam.lr=0.0001 +optimizers.sgd.lr=None "
+        "task=bert_base +optimizers.adam.lr=0.0001 +optimizers.sgd.lr=0.1 "
         "+optimizers.sgd.momentum=0.9 trainer.log_norms_every=100",
         ["adam#sgd"],
         [0],
@@ -324,8 +324,8 @@ SHIPPED = {
         [0, 1, 2],
     ),
     "imagenet_resnet50": (
-        "task=imagenet_resnet50 +optimizers.adagrad.lr=None +optimizers.adagrad.momentum=0.9 "
-        "+optimizers.adam.lr=None +optimizers.sgd.lr=1.6 +optimizers.sgd.momentum=0.9",
+        "task=imagenet_resnet50 +optimizers.adagrad.lr=0.04 +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.adam.lr=0.004 +optimizers.sgd.lr=1.6 +optimizers.sgd.momentum=0.9",
         9,
         [0],
     ),
@@ -467,9 +467,10 @@ def test_graft_grid_bad_input_is_one_line_and_exit_code_2(tmp_path, args, messag
 
 
 def test_a_learning_rate_left_null_must_be_set_before_running(tmp_path):
-    with pytest.raises(UserError, match="optimizers.adam.lr is null .*set it"):
-        run_grid(load_experiment("imagenet_resnet50"), [], outputs=tmp_path, results_root=tmp_path)
-    assert not list(tmp_path.iterdir())
+    path = write_experiment(tmp_path, sgd_lr=None)
+    with pytest.raises(UserError, match="optimizers.sgd.lr is null .*set it"):
+        run_grid(load_experiment(str(path)), [], outputs=tmp_path, results_root=tmp_path)
+    assert sorted(tmp_path.iterdir()) == [path]
 
 
 def test_an_unknown_optimizer_in_a_grid_is_named(tmp_path):
