@@ -1,11 +1,12 @@
 """Tuning (graft/grid/tune.py): bracketing, failed seeds, reruns; the provenance of runs and
-results (graft/common/provenance.py)."""
+results (graft/common/provenance.py); scripts/reproduce_cpu.sh's checks and its run loop."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +21,9 @@ from graft.common.provenance import commits, git_sha
 from graft.grid.experiment import load_experiment
 from graft.grid.run import run_grid
 from graft.grid.tuning_record import chosen_lrs, record_budget, record_choices
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SCRIPT = REPOSITORY / "scripts/reproduce_cpu.sh"
 
 
 def loss_at(best: float, fails_above: float = math.inf):
@@ -338,3 +342,135 @@ def test_commits_is_clean_only_for_one_commit_without_changes():
     assert commits(["a-dirty"]) == (False, ["a-dirty"])
     assert commits(["a", None]) == (False, ["a", "unknown"])
     assert commits([]) == (False, [])
+
+
+# --- scripts/reproduce_cpu.sh -----------------------------------------------------------------
+
+
+def test_the_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+@pytest.fixture
+def script_checkout(checkout) -> Path:
+    """`checkout` with the script and the experiment files, committed."""
+    (checkout / "scripts").mkdir()
+    shutil.copy2(SCRIPT, checkout / "scripts")
+    shutil.copytree(REPOSITORY / "experiments", checkout / "experiments")
+    git(checkout, "add", ".")
+    git(checkout, "commit", "-qm", "script")
+    return checkout
+
+
+def reproduce(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(repo / "scripts/reproduce_cpu.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
+
+
+def test_a_dry_run_prints_each_experiments_command_by_stage(script_checkout):
+    result = reproduce(script_checkout, "--dry-run", "-j", "3", "-o", "/tmp/fresh")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("reproduce_cpu: commit ") and "up to 3 at once" in lines[0]
+    commands = [line.split(" -m graft.grid.run ")[1] for line in lines if " -m " in line]
+    assert commands == [
+        "tiny_bert --tune --force > logs/tiny_bert-tuned.log",
+        "digits_resnet --tune --force > logs/digits_resnet-tuned.log",
+        "digits_resnet_5x5 --tune --force > logs/digits_resnet_5x5-tuned.log",
+        "adagrad_schedule --force > logs/adagrad_schedule.log",
+        "tiny_bert_static --force > logs/tiny_bert_static.log",
+        "digits_static --force > logs/digits_static.log",
+        "digits_tuning_transfer --force > logs/digits_tuning_transfer.log",
+    ]
+    assert lines.index("stage 2:") == 6
+    assert all("cd /tmp/fresh && OMP_NUM_THREADS=1 " in line for line in lines if " -m " in line)
+
+
+def test_the_shipped_list_is_every_committed_results_folder():
+    folders = sorted(p.name for p in (REPOSITORY / "results").iterdir() if p.is_dir())
+    script = SCRIPT.read_text()
+    listed = script[script.index("FOLDERS=(") : script.index(")", script.index("FOLDERS=("))]
+    assert sorted(word for word in listed.split()[1:] if word != "wait") == folders
+
+
+@pytest.mark.parametrize(
+    ("change", "args", "message"),
+    [
+        (
+            "experiments/tiny_bert.yaml",
+            [],
+            "changed file(s) outside results/ and outputs/ (experiments/tiny_bert.yaml)",
+        ),
+        (None, ["nosuch"], "unknown results folder nosuch: no experiments/nosuch.yaml"),
+        (None, ["digits_static", "digits_resnet-tuned"], "digits_static reads results/"),
+        (None, ["digits_static", "wait", "digits_static"], "digits_static is listed twice"),
+        (None, ["-j", "0"], "-j 0: not a whole number >= 1"),
+        (None, ["--jobs"], "unknown option --jobs"),
+    ],
+)
+def test_the_script_refuses_in_one_line(script_checkout, change, args, message):
+    if change:
+        with open(script_checkout / change, "a") as handle:
+            handle.write("# edited\n")
+    result = reproduce(script_checkout, "--dry-run", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("reproduce_cpu: error: ") and message in line
+
+
+def test_a_change_under_results_is_not_refused(script_checkout):
+    (script_checkout / "results/grid/table.md").write_text("regenerated\n")
+    result = reproduce(script_checkout, "--dry-run", "digits_resnet-tuned", "wait", "digits_static")
+    assert result.returncode == 0, result.stderr
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# "python -m graft.grid.run NAME ... --force": logs its arguments and threads; NAME=tiny_bert fails
+echo "$PWD $OMP_NUM_THREADS $*" >> "$FAKE_LOG"
+[[ $3 != tiny_bert ]]
+"""
+
+
+def test_the_script_runs_each_experiment_and_writes_its_wall_time(script_checkout, tmp_path):
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    log, work = tmp_path / "calls.log", tmp_path / "work"
+    args = ["-j", "2", "-t", "3", "-o", str(work), "digits_resnet-tuned", "adagrad_schedule"]
+    env = {"PYTHON": str(python), "FAKE_LOG": str(log)}
+    result = reproduce(script_checkout, *args, **env)
+    assert result.returncode == 0, result.stderr
+    calls = sorted(log.read_text().splitlines())
+    assert calls == [
+        f"{work} 3 -m graft.grid.run adagrad_schedule --force",
+        f"{work} 3 -m graft.grid.run digits_resnet --tune --force",
+    ]
+    assert "reproduce_cpu: adagrad_schedule: finished in 0 s" in result.stdout
+    table = (script_checkout / "results/WALL_TIMES.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and " | `" in line]
+    assert [row.split(" | ")[0:2] for row in rows] == [
+        ["| adagrad_schedule", "`graft-grid adagrad_schedule --force`"],
+        ["| digits_resnet-tuned", "`graft-grid digits_resnet --tune --force`"],
+    ]
+    assert all(row.split(" | ")[3:5] == ["3", "2"] and " | finished | " in row for row in rows)
+    # A second regeneration, one of whose experiments fails: exit 1, its row replaced, the
+    # other rows kept; the fresh folder must be fresh.
+    assert reproduce(script_checkout, *args, **env).returncode == 2
+    shutil.rmtree(work)
+    failed = reproduce(script_checkout, "-o", str(work), "tiny_bert-tuned", **env)
+    assert failed.returncode == 1
+    assert "1 experiment(s) failed" in failed.stderr
+    table = (script_checkout / "results/WALL_TIMES.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and " | `" in line]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| adagrad_schedule",
+        "| digits_resnet-tuned",
+        "| tiny_bert-tuned",
+    ]
+    assert " | failed (exit 1) | " in rows[2]
+    assert (work / "logs/tiny_bert-tuned.log").is_file()
