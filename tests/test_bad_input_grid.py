@@ -150,7 +150,7 @@ CASES: list[tuple[str, str, Setup]] = [
     (
         "graft-grid",
         "a learning rate left null",
-        lambda c: (["imagenet_resnet50"], "optimizers.adam.lr"),
+        lambda c: ([c.variant("lr: 0.05", "lr: null")], "optimizers.sgd.lr is null"),
     ),
     # --- experiment files
     (
@@ -257,7 +257,7 @@ CASES: list[tuple[str, str, Setup]] = [
     (
         "graft-table",
         "tuning an optimizer not in the grid",
-        lambda c: ([c.experiment(CAT + "tune: {lr: {lamb: [0.1]}}\n")], "tune.lr.lamb"),
+        lambda c: ([c.experiment(CAT + "tune: {lr: {lamb: [0.1, 0.3]}}\n")], "tune.lr.lamb"),
     ),
     (
         "graft-grid",

@@ -36,9 +36,9 @@ reference:
 """
 
 
-def write_experiment(folder: Path, sgd_lr: float = 0.05) -> Path:
+def write_experiment(folder: Path, sgd_lr: float | None = 0.05) -> Path:
     path = folder / "tiny.yaml"
-    path.write_text(TINY_EXPERIMENT.format(sgd_lr=sgd_lr))
+    path.write_text(TINY_EXPERIMENT.format(sgd_lr="null" if sgd_lr is None else sgd_lr))
     return path
 
 
@@ -176,6 +176,7 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
         path.read_text().replace("seeds: [0, 1]", "seeds: [0]")
         + "tune:\n  lr: {sgd: [0.01, 0.05], adam: [0.001, 0.003]}\n"
         + "  overrides: [trainer.max_steps=2]\n"
+        + "  extend: 0\n"  # no value beyond an end (tests/test_tuning.py extends)
     )
     results = run_grid(
         load_experiment(str(path)),
@@ -187,10 +188,10 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
     # Tuned results have their own folder, say so at the top, and keep the tuning table.
     assert results == tmp_path / "results/tiny-tuned"
     assert not (tmp_path / "results/tiny").exists()
-    assert (
-        "**Tuned**: each optimizer's learning rate was chosen by `graft-grid --tune`"
-        in (results / "table.md").read_text().splitlines()[2]
-    )
+    header = (results / "table.md").read_text().splitlines()[2]
+    assert "**Tuned**: each optimizer's learning rate was chosen by `graft-grid --tune`" in header
+    # At which budget (not the grid's: the tuning runs' overrides named), and each choice.
+    assert "the tuning runs add tune.overrides [trainer.max_steps=2]" in header
     assert json.loads((results / "provenance.json").read_text())["tuned"] is True
     tuning = (results / "tuning.md").read_text()
     assert (tmp_path / "outputs/tiny/tuning/tuning.md").read_text() == tuning
@@ -201,6 +202,8 @@ def test_tune_picks_each_diagonal_learning_rate_then_runs_the_grid_with_it(tmp_p
     }
     assert set(chosen) == {"sgd", "adam"} and chosen["adam"] in (0.001, 0.003)
     assert chosen_lrs(tuning) == chosen  # what an experiment's `lr: tuned` reads back
+    for name in ("adam", "sgd"):  # two values: every choice is at an end, none extended
+        assert f"{name}: {chosen[name]}, not bracketed: at the " in header
     for name in ("sgd", "adam"):
         for value in (0.01, 0.05) if name == "sgd" else (0.001, 0.003):
             summary = tmp_path / f"outputs/tiny/tuning/{name}/lr{value}/seed0/summary.json"
@@ -268,13 +271,13 @@ SHIPPED = {
         [0, 1, 2],
     ),
     "bert_base": (
-        "task=bert_base +optimizers.adagrad.lr=None +optimizers.adagrad.momentum=0.9 "
-        "+optimizers.adam.lr=0.0001 +optimizers.sgd.lr=None +optimizers.sgd.momentum=0.9",
+        "task=bert_base +optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.adam.lr=0.0001 +optimizers.sgd.lr=0.1 +optimizers.sgd.momentum=0.9",
         9,
         [0],
     ),
     "bert_sgd_static": (
-        "task=bert_base +optimizers.adam.lr=0.0001 +optimizers.sgd.lr=None "
+        "task=bert_base +optimizers.adam.lr=0.0001 +optimizers.sgd.lr=0.1 "
         "+optimizers.sgd.momentum=0.9 trainer.log_norms_every=100",
         ["adam#sgd"],
         [0],
@@ -308,8 +311,8 @@ SHIPPED = {
         [0, 1, 2],
     ),
     "imagenet_resnet50": (
-        "task=imagenet_resnet50 +optimizers.adagrad.lr=None +optimizers.adagrad.momentum=0.9 "
-        "+optimizers.adam.lr=None +optimizers.sgd.lr=1.6 +optimizers.sgd.momentum=0.9",
+        "task=imagenet_resnet50 +optimizers.adagrad.lr=0.04 +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.adam.lr=0.004 +optimizers.sgd.lr=1.6 +optimizers.sgd.momentum=0.9",
         9,
         [0],
     ),
@@ -451,9 +454,10 @@ def test_graft_grid_bad_input_is_one_line_and_exit_code_2(tmp_path, args, messag
 
 
 def test_a_learning_rate_left_null_must_be_set_before_running(tmp_path):
-    with pytest.raises(UserError, match="optimizers.adam.lr is null .*set it"):
-        run_grid(load_experiment("imagenet_resnet50"), [], outputs=tmp_path, results_root=tmp_path)
-    assert not list(tmp_path.iterdir())
+    path = write_experiment(tmp_path, sgd_lr=None)
+    with pytest.raises(UserError, match="optimizers.sgd.lr is null .*set it"):
+        run_grid(load_experiment(str(path)), [], outputs=tmp_path, results_root=tmp_path)
+    assert sorted(tmp_path.iterdir()) == [path]
 
 
 def test_an_unknown_optimizer_in_a_grid_is_named(tmp_path):

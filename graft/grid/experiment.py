@@ -257,6 +257,19 @@ def override(value: Any, key: str) -> None:
         raise Bad(key, value, "a Hydra override key=value, e.g. trainer.max_steps=100") from None
 
 
+def tuning_values(value: Any, key: str) -> None:
+    """A tune.lr list: two or more distinct positive values (graft/grid/tune.py extends a
+    choice at an end of the list by the ratio of the two values there)."""
+    list_of(POSITIVE, "[0.01, 0.1]")(value, key)
+    if len(value) < 2:
+        raise Bad(
+            key,
+            value,
+            "a list of at least two learning rates, e.g. [0.03, 0.1, 0.3] (a choice at an end "
+            "is extended by the ratio of the two values there)",
+        )
+
+
 OPTIMIZERS = list_of(TEXT, "[sgd, adam]")
 EXAMPLES = {
     "name": "name: my_grid",
@@ -282,9 +295,10 @@ KEYS: dict[str, Check] = {
     "reference": mapping_of(mapping_of(NUMBER, "{eval/top1: 0.76}"), '{"adam#sgd": {...}}'),
     "tune": fields(
         {
-            "lr": mapping_of(list_of(POSITIVE, "[0.01, 0.1]"), "{sgd: [0.01, 0.1]}"),
+            "lr": mapping_of(tuning_values, "{sgd: [0.01, 0.1]}"),
             "seeds": list_of(SEED, "[0]"),
             "metric": TEXT,
+            "extend": kind(at_least(0, integer=True)),
             "overrides": list_of(override, "[trainer.max_steps=100]", empty=True),
         },
         ("lr",),

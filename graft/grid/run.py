@@ -52,8 +52,9 @@ def main() -> None:
     parser.add_argument(
         "--tune",
         action="store_true",
-        help="first tune each diagonal optimizer's lr (the experiment's tune block); results go "
-        "to results/EXP-tuned/",
+        help="first tune each diagonal optimizer's lr (the experiment's tune block; a choice at "
+        "an end of its list is extended past it, tune.extend times at most); results go to "
+        "results/EXP-tuned/, with tuning.md",
     )
     parser.add_argument(
         "--force",
@@ -93,8 +94,9 @@ def run_grid(
     """Run (or resume) every cell x seed of `experiment`; write and print its table. An
     experiment with a study block runs that study instead (graft/grid/studies.py).
 
-    With `tune`, first sweep the diagonal's learning rates (graft/grid/tune.py) and run the
-    grid with the best of each; its results go to results/<experiment>-tuned/. Everything that
+    With `tune`, first sweep the diagonal's learning rates (graft/grid/tune.py: bracketed,
+    at the grid's budget unless tune.overrides says otherwise) and run the grid with the best
+    of each; its results go to results/<experiment>-tuned/. Everything that
     can be checked (the experiment, the overrides, that the output and results folders can be
     written) is checked before the first run starts.
     """
@@ -209,7 +211,8 @@ def refuse_another_version(experiment: Experiment, extra: list[str], sweep_dir: 
             key
             for key in before.keys() | after.keys()
             if before.get(key) != after.get(key)
-            and not key.startswith(("description", "reference"))  # wording, not the runs
+            # wording and how the table judges the runs, not the runs
+            and not key.startswith(("description", "reference", "verdict"))
         )
         if changed:
             raise UserError(

@@ -23,7 +23,7 @@ import itertools
 import json
 import math
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import numpy as np
 
 from graft.common.cli_parser import Parser
 from graft.common.errors import UserError, exit_with
-from graft.common.provenance import git_sha, versions
+from graft.common.provenance import commits, git_sha, versions
 from graft.common.run_dir import (
     ERROR_LOG,
     METRICS,
@@ -47,6 +47,7 @@ from graft.grid import publish
 from graft.grid.experiment import Experiment, load_experiment
 from graft.grid.plots import write_plots
 from graft.grid.publish import RESULTS, refuse_to_shrink, replace_folder, results_folder
+from graft.grid.tuning_record import record_budget, record_choices
 from graft.grid.verdict import (
     CURVE,
     DIRECTION,
@@ -384,30 +385,54 @@ def diagonal_lines(cells: list[Cell], metric: str) -> list[str]:
     ]
 
 
-def learning_rates_line(experiment: Experiment, tuned: bool) -> str:
-    """The line under a table's title saying where its learning rates come from."""
+def learning_rates_line(
+    experiment: Experiment,
+    tuned: bool,
+    tuning: str | None = None,
+    runs: Sequence[Path] = (),
+) -> str:
+    """The lines under a table's title: where its learning rates come from (with `tuning`, the
+    tuning.md text: at which budget they were tuned, each chosen lr and whether it was
+    bracketed), then a warning when `runs` did not all come from one clean commit."""
     if tuned:
-        return (
+        line = (
             "**Tuned**: each optimizer's learning rate was chosen by `graft-grid --tune` "
-            "(see tuning.md); the other settings are the experiment file's.\n"
+            "(see tuning.md); the other settings are the experiment file's."
         )
-    source = experiment.source.name if experiment.source else "the experiment file"
-    return (
-        f"**Untuned**: the learning rates are the experiment file's ({source}), not chosen by "
-        "`graft-grid --tune`.\n"
-    )
+        budget = record_budget(tuning) if tuning else None
+        choices = record_choices(tuning) if tuning else []
+        if budget:
+            line += f" Tuning budget: {budget}"
+        if choices:
+            line += " Chosen: " + "; ".join(choices) + "."
+    else:
+        source = experiment.source.name if experiment.source else "the experiment file"
+        line = (
+            f"**Untuned**: the learning rates are the experiment file's ({source}), not chosen "
+            "by `graft-grid --tune`."
+        )
+    clean, shas = commits(read_summary(run_dir).get("git_sha") for run_dir in runs)
+    if runs and not clean:
+        line += (
+            f"\n\n**Provenance warning**: these runs are not all from one clean commit (git "
+            f"{', '.join(shas)}); provenance.json lists each run's."
+        )
+    return line + "\n"
 
 
 VERDICTS_LEAD = "Verdicts (Δ = b − a with its 95 % bootstrap interval; > 0: closer to M#M):"
 
 
-def markdown(experiment: Experiment, cells: list[Cell], tuned: bool = False) -> str:
+def markdown(
+    experiment: Experiment, cells: list[Cell], tuned: bool = False, tuning: str | None = None
+) -> str:
     by_name = {cell.name: cell for cell in cells}
+    runs = [run_dir for cell in cells for run_dir in cell.run_dirs]
     curve = experiment.verdict.get("curve", CURVE)
     resamples = experiment.verdict.get("resamples", RESAMPLES)
     parts = [
         f"# {experiment.name}\n",
-        learning_rates_line(experiment, tuned),
+        learning_rates_line(experiment, tuned, tuning, runs),
         experiment.description.strip() + "\n",
     ]
     parts.append(
@@ -527,7 +552,7 @@ def write_results(
         tuning = (sweep_dir.parent / "tuning" / "tuning.md").read_text()
 
     def build(folder: Path) -> None:
-        (folder / "table.md").write_text(markdown(experiment, cells, tuned))
+        (folder / "table.md").write_text(markdown(experiment, cells, tuned, tuning))
         write_csv(folder / "table.csv", experiment, cells)
         (folder / "table.tex").write_text(latex(experiment, cells))
         write_plots(folder, experiment, cells)
@@ -555,14 +580,27 @@ def no_runs(experiment: Experiment, sweep_dir: Path, tuned: bool) -> str:
 def write_provenance(
     results: Path, experiment: Experiment, runs: list[Path], tuned: bool = False
 ) -> None:
-    """results/provenance.json: the experiment, code, versions, hardware, and every finished
-    run (how graft/grid/publish.py counts what a results folder holds)."""
+    """results/provenance.json: the experiment; whether every run came from one clean commit
+    (`clean`, `git_shas`); each run's commit, torch, threads and wall time; the code, versions
+    and hardware that wrote the folder; and every finished run's config (how
+    graft/grid/publish.py counts what a results folder holds)."""
     summaries = [read_summary(run_dir) for run_dir in runs]
+    clean, shas = commits(s.get("git_sha") for s in summaries)
     provenance = {
         "experiment": experiment.document,
         "tuned": tuned,
-        "git_sha": git_sha(),
-        "versions": versions(),
+        "clean": clean,  # every run from one commit without local changes (outside results/)
+        "git_shas": shas,
+        "run_provenance": {
+            str(run_dir): {
+                "git_sha": s.get("git_sha"),
+                "torch": (s.get("versions") or {}).get("torch"),
+                "threads": (s.get("hardware") or {}).get("cpu_threads"),
+                "wall_seconds": s.get("wall_seconds"),
+            }
+            for run_dir, s in zip(runs, summaries)
+        },
+        "written_by": {"git_sha": git_sha(), "versions": versions()},
         "hardware": summaries[0]["hardware"] if summaries else None,
         "wall_seconds": round(sum(s["wall_seconds"] for s in summaries), 1),
         # What each run's optimizers were (the experiment's optimizers table applied).
