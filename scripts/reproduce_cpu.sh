@@ -21,12 +21,12 @@ set -euo pipefail
 # anything after it starts). A folder whose experiment has `tuned_from: results/X-tuned` must
 # come in a later stage than X-tuned, so that it reads the regenerated record.
 FOLDERS=(
-  tiny_bert-tuned
-  digits_resnet-tuned
-  digits_resnet_5x5-tuned
+  pydoc_lm-tuned
+  digits_resnet8-tuned
   adagrad_schedule
   wait
-  tiny_bert_static
+  pydoc_lm_static
+  digits_resnet8_global
   digits_static
   digits_tuning_transfer
 )
