@@ -258,6 +258,8 @@ def test_a_tuned_grid_of_real_runs_records_its_choices_and_provenance(tmp_path):
         "trainer.progress=false, trainer.eval_every=3]\n"
         # Three steps from a tiny lr: the larger one wins, so the sweep goes up once.
         "tune: {lr: {sgd: [1.0e-5, 3.0e-5]}, extend: 1}\n"
+        # A table lr, as the shipped grids have: the single-value extension replaces it.
+        "optimizers: {sgd: {lr: 0.1, momentum: 0.9}}\n"
     )
     written = run_grid(
         load_experiment(str(path)),

@@ -190,14 +190,21 @@ def run_tuning(
         folder = sweep_dir / "tuning" / name
         print(f"graft-grid: tuning {name}: lr in {values}", flush=True)
 
-        def run(values: list[float], name: str = name, folder: Path = folder) -> Results:
+        # The table's lr for this optimizer gives way to the swept one: Hydra refuses a second
+        # `+key=` for a single value (an extension), where a sweep of several replaced it.
+        table_lr = f"+optimizers.{name}.lr="
+        others = [line for line in shared if not line.startswith(table_lr)]
+
+        def run(
+            values: list[float], name: str = name, folder: Path = folder, others: list = others
+        ) -> Results:
             missing = [v for v in values if not all(finished(folder, v, s) for s in seeds)]
             if missing:  # a finished value needs no graft-train process to say so
                 multirun(
                     [
                         f"optim@magnitude={name}",
                         "graft=off",
-                        *shared,
+                        *others,
                         *overrides,
                         f"+optimizers.{name}.lr={','.join(map(str, missing))}",
                         f"trainer.seed={','.join(map(str, seeds))}",
