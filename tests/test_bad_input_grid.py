@@ -353,7 +353,7 @@ CASES: list[tuple[str, str, Setup]] = [
         "graft-grid",
         "a record nothing takes from",
         lambda c: (
-            [c.experiment(CAT + "tuned_from: results/digits_resnet-tuned\n")],
+            [c.experiment(CAT + "tuned_from: results/digits_resnet8-tuned\n")],
             "gives learning rates to no optimizer",
         ),
     ),

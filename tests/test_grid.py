@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -261,12 +262,22 @@ def test_the_shipped_experiments_load():
 # here. scripts/experiment_jobs.py composes every job, for a before/after diff of a change.
 DIGITS = "task=digits_resnet"
 DIGITS_BUDGET = "trainer.max_steps=150 trainer.batch_size=64 trainer.eval_every=50"
+RESNET8 = "task=digits_resnet8"
+RESNET8_LOGS = "trainer.log_every=5 trainer.log_norms_every=5 trainer.progress=false logger=none"
+RESNET8_TUNED = (  # results/digits_resnet8-tuned/tuning.md's choices
+    "+optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 +optimizers.adam.lr=0.005 "
+    "+optimizers.sgd.lr=0.03 +optimizers.sgd.momentum=0.9"
+)
+EIGHT = list(range(8))
+PYDOC_LM_LOGS = "trainer.log_every=10 trainer.log_norms_every=10 trainer.progress=false logger=none"
+PYDOC_LM_STATIC_TUNED = (  # results/pydoc_lm-tuned/tuning.md's adam and sgd lrs
+    "+optimizers.adam.lr=0.006 +optimizers.sgd.lr=0.3 +optimizers.sgd.momentum=0.9"
+)
 SHIPPED = {
     "adagrad_schedule": (
-        f"{DIGITS} +optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 "
-        "+optimizers.sgd.lr=0.03 +optimizers.sgd.momentum=0.9 trainer.max_steps=600 "
-        "trainer.batch_size=64 trainer.eval_every=200 trainer.log_norms_every=5 logger=none "
-        "schedule=constant trainer.progress=false",
+        f"{RESNET8} +optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 "
+        f"+optimizers.sgd.lr=0.03 +optimizers.sgd.momentum=0.9 {RESNET8_LOGS} "
+        "schedule=constant schedule.warmup_steps=0 trainer.max_steps=600 trainer.eval_every=200",
         ["sgd#adagrad"],
         [0, 1, 2],
     ),
@@ -297,18 +308,19 @@ SHIPPED = {
         25,
         [0, 1, 2],
     ),
+    "digits_resnet8": (f"{RESNET8} {RESNET8_TUNED} {RESNET8_LOGS}", 9, EIGHT),
+    "digits_resnet8_global": (f"{RESNET8} {RESNET8_TUNED} {RESNET8_LOGS} graft=global", 9, EIGHT),
     "digits_static": (
-        f"{DIGITS} +optimizers.adam.lr=0.001 +optimizers.sgd.lr=0.03 +optimizers.sgd.momentum=0.9 "
-        f"{DIGITS_BUDGET} trainer.log_norms_every=5 logger=none trainer.progress=false",
+        f"{RESNET8} +optimizers.adam.lr=0.005 +optimizers.sgd.lr=0.03 "
+        f"+optimizers.sgd.momentum=0.9 {RESNET8_LOGS}",
         ["adam#sgd"],
-        [0, 1, 2],
+        EIGHT,
     ),
     "digits_tuning_transfer": (
-        f"{DIGITS} +optimizers.adagrad.momentum=0.9 +optimizers.sgd.lr=0.03 "
-        f"+optimizers.sgd.momentum=0.9 {DIGITS_BUDGET} trainer.log_norms_every=10 logger=none "
-        "trainer.progress=false",
+        f"{RESNET8} +optimizers.adagrad.momentum=0.9 +optimizers.sgd.lr=0.03 "
+        f"+optimizers.sgd.momentum=0.9 {RESNET8_LOGS}",
         ["sgd#adagrad"],
-        [0, 1, 2],
+        EIGHT,
     ),
     "imagenet_resnet50": (
         "task=imagenet_resnet50 +optimizers.adagrad.lr=0.04 +optimizers.adagrad.momentum=0.9 "
@@ -323,12 +335,17 @@ SHIPPED = {
         9,
         [0, 1, 2],
     ),
-    "tiny_bert_static": (
-        "task=tiny_bert +optimizers.adam.lr=0.001 +optimizers.sgd.lr=0.3 "
-        "+optimizers.sgd.momentum=0.9 trainer.log_norms_every=10 logger=none "
-        "trainer.progress=false",
+    "pydoc_lm": (
+        "task=pydoc_lm +optimizers.adagrad.lr=0.001 +optimizers.adagrad.momentum=0.9 "
+        "+optimizers.adam.lr=0.01 +optimizers.sgd.lr=0.3 +optimizers.sgd.momentum=0.9 "
+        f"{PYDOC_LM_LOGS}",
+        9,
+        [0, 1, 2, 3, 4],
+    ),
+    "pydoc_lm_static": (
+        f"task=pydoc_lm {PYDOC_LM_STATIC_TUNED} {PYDOC_LM_LOGS}",
         ["adam#sgd"],
-        [0, 1, 2],
+        [0, 1, 2, 3, 4],
     ),
 }
 
@@ -350,9 +367,10 @@ def test_every_shipped_experiment_is_pinned():
 
 def test_shipped_tuned_learning_rates_are_the_ones_their_records_chose():
     for name, record in [
-        ("digits_static", "digits_resnet-tuned"),
-        ("digits_tuning_transfer", "digits_resnet-tuned"),
-        ("tiny_bert_static", "tiny_bert-tuned"),
+        ("digits_resnet8_global", "digits_resnet8-tuned"),
+        ("digits_static", "digits_resnet8-tuned"),
+        ("digits_tuning_transfer", "digits_resnet8-tuned"),
+        ("pydoc_lm_static", "pydoc_lm-tuned"),
     ]:
         chosen = chosen_lrs((publish.RESULTS / record / "tuning.md").read_text())
         taken = {
@@ -467,3 +485,20 @@ def test_an_unknown_optimizer_in_a_grid_is_named(tmp_path):
         UserError, match="grid.magnitude: unknown optimizer 'adamx'; allowed: adagrad, adam"
     ):
         load_experiment(str(path))
+
+
+def test_a_table_says_where_its_learning_rates_come_from():
+    from graft.grid.table import learning_rates_line
+
+    plain = load_experiment("digits_resnet")
+    assert learning_rates_line(plain, tuned=False).startswith(
+        "**Untuned**: the learning rates are the experiment file's (digits_resnet.yaml)"
+    )
+    # An experiment that reads `lr: tuned` from another's record names the record.
+    reader = dataclasses.replace(
+        plain, document={**plain.document, "tuned_from": "results/digits_resnet8-tuned"}
+    )
+    assert learning_rates_line(reader, tuned=False).startswith(
+        "**Tuned elsewhere**: each `lr: tuned` in digits_resnet.yaml is the one "
+        "results/digits_resnet8-tuned/tuning.md chose"
+    )

@@ -74,7 +74,7 @@ def write_run(run_dir: Path, m: int, d: int, seed: int, status: str = "finished"
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     top1 = 0.5 + 0.08 * m + 0.01 * d + rng.normal(0, 0.01)
     summary = {"status": status, "eval/top1": top1, "train/loss": loss}
-    summary |= {"hardware": "cpu", "wall_seconds": 1.0, "optimizers": {}}
+    summary |= {"hardware": {"device": "cpu", "cpu_threads": 1}, "wall_seconds": 1.0, "optimizers": {}}
     if status != "finished":
         summary["error"] = "non-finite training loss at step 7"
     (run_dir / "summary.json").write_text(json.dumps(summary))

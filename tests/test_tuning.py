@@ -381,15 +381,15 @@ def test_a_dry_run_prints_each_experiments_command_by_stage(script_checkout):
     assert lines[0].startswith("reproduce_cpu: commit ") and "up to 3 at once" in lines[0]
     commands = [line.split(" -m graft.grid.run ")[1] for line in lines if " -m " in line]
     assert commands == [
-        "tiny_bert --tune --force > logs/tiny_bert-tuned.log",
-        "digits_resnet --tune --force > logs/digits_resnet-tuned.log",
-        "digits_resnet_5x5 --tune --force > logs/digits_resnet_5x5-tuned.log",
+        "pydoc_lm --tune --force > logs/pydoc_lm-tuned.log",
+        "digits_resnet8 --tune --force > logs/digits_resnet8-tuned.log",
         "adagrad_schedule --force > logs/adagrad_schedule.log",
-        "tiny_bert_static --force > logs/tiny_bert_static.log",
+        "pydoc_lm_static --force > logs/pydoc_lm_static.log",
+        "digits_resnet8_global --force > logs/digits_resnet8_global.log",
         "digits_static --force > logs/digits_static.log",
         "digits_tuning_transfer --force > logs/digits_tuning_transfer.log",
     ]
-    assert lines.index("stage 2:") == 6
+    assert lines.index("stage 2:") == 5
     assert all("cd /tmp/fresh && OMP_NUM_THREADS=1 " in line for line in lines if " -m " in line)
 
 
@@ -409,7 +409,7 @@ def test_the_shipped_list_is_every_committed_results_folder():
             "changed file(s) outside results/ and outputs/ (experiments/tiny_bert.yaml)",
         ),
         (None, ["nosuch"], "unknown results folder nosuch: no experiments/nosuch.yaml"),
-        (None, ["digits_static", "digits_resnet-tuned"], "digits_static reads results/"),
+        (None, ["digits_static", "digits_resnet8-tuned"], "digits_static reads results/"),
         (None, ["digits_static", "wait", "digits_static"], "digits_static is listed twice"),
         (None, ["-j", "0"], "-j 0: not a whole number >= 1"),
         (None, ["--jobs"], "unknown option --jobs"),
@@ -427,7 +427,9 @@ def test_the_script_refuses_in_one_line(script_checkout, change, args, message):
 
 def test_a_change_under_results_is_not_refused(script_checkout):
     (script_checkout / "results/grid/table.md").write_text("regenerated\n")
-    result = reproduce(script_checkout, "--dry-run", "digits_resnet-tuned", "wait", "digits_static")
+    result = reproduce(
+        script_checkout, "--dry-run", "digits_resnet8-tuned", "wait", "digits_static"
+    )
     assert result.returncode == 0, result.stderr
 
 

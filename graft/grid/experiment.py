@@ -439,7 +439,7 @@ def with_tuned_lrs(raw: dict[str, Any], path: Path) -> dict[str, Any]:
             raise UserError(
                 f"{path}: optimizers.{takers[0]}.lr: {TUNED!r} needs tuned_from: the tuned "
                 "results folder whose tuning.md chose it (e.g. tuned_from: "
-                "results/digits_resnet-tuned)"
+                "results/digits_resnet8-tuned)"
             )
         return raw
     if not takers:

@@ -106,7 +106,8 @@ def run_study(
     redo = f"graft-grid {experiment.name}" + (" --tune" if tuned else "")
     refuse_to_shrink(results, len(finished), total, tuned=tuned, force=force, redo=redo)
     header, rest = body.split("\n", 1)
-    table = "\n".join([header, "", learning_rates_line(experiment, tuned), rest.lstrip("\n")])
+    lead = learning_rates_line(experiment, tuned, tuning, finished)
+    table = "\n".join([header, "", lead, rest.lstrip("\n")])
     table += "\n".join(failure_lines(arms)) + ("\n" if failure_lines(arms) else "")
 
     def build(folder: Path) -> None:

@@ -407,9 +407,13 @@ def learning_rates_line(
             line += " Chosen: " + "; ".join(choices) + "."
     else:
         source = experiment.source.name if experiment.source else "the experiment file"
+        record = experiment.document.get("tuned_from")
         line = (
             f"**Untuned**: the learning rates are the experiment file's ({source}), not chosen "
             "by `graft-grid --tune`."
+            if not record
+            else f"**Tuned elsewhere**: each `lr: tuned` in {source} is the one {record}/tuning.md "
+            "chose; the other settings are the experiment file's."
         )
     clean, shas = commits(read_summary(run_dir).get("git_sha") for run_dir in runs)
     if runs and not clean:
