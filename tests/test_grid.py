@@ -268,7 +268,7 @@ RESNET8_TUNED = (  # results/digits_resnet8-tuned/tuning.md's choices
     "+optimizers.adagrad.lr=0.01 +optimizers.adagrad.momentum=0.9 +optimizers.adam.lr=0.005 "
     "+optimizers.sgd.lr=0.03 +optimizers.sgd.momentum=0.9"
 )
-EIGHT = list(range(8))
+EIGHT, SIXTEEN = list(range(8)), list(range(16))
 PYDOC_LM_LOGS = "trainer.log_every=10 trainer.log_norms_every=10 trainer.progress=false logger=none"
 PYDOC_LM_STATIC_TUNED = (  # results/pydoc_lm-tuned/tuning.md's adam and sgd lrs
     "+optimizers.adam.lr=0.006 +optimizers.sgd.lr=0.3 +optimizers.sgd.momentum=0.9"
@@ -308,8 +308,12 @@ SHIPPED = {
         25,
         [0, 1, 2],
     ),
-    "digits_resnet8": (f"{RESNET8} {RESNET8_TUNED} {RESNET8_LOGS}", 9, EIGHT),
-    "digits_resnet8_global": (f"{RESNET8} {RESNET8_TUNED} {RESNET8_LOGS} graft=global", 9, EIGHT),
+    "digits_resnet8": (f"{RESNET8} {RESNET8_TUNED} {RESNET8_LOGS}", 9, SIXTEEN),
+    "digits_resnet8_global": (
+        f"{RESNET8} {RESNET8_TUNED} {RESNET8_LOGS} graft=global",
+        9,
+        SIXTEEN,
+    ),
     "digits_static": (
         f"{RESNET8} +optimizers.adam.lr=0.005 +optimizers.sgd.lr=0.03 "
         f"+optimizers.sgd.momentum=0.9 {RESNET8_LOGS}",
