@@ -27,6 +27,7 @@ from graft.grid.plots import (
     luminance,
     mean_loss_curve,
     schedule_figure,
+    schedule_free,
     tensor_roles,
 )
 from graft.grid.studies import curves_figure as study_curves_figure
@@ -50,6 +51,9 @@ TENSORS = {
     "fc.bias": (10,),
 }
 STEPS = range(5, 101, 5)  # the loss and norm lines' steps
+CONFIG = (  # what the schedule plot reads of a run's config: a constant schedule, s(t) = 1
+    "logger: {name: none}\nschedule: {name: constant, warmup_steps: 0}\ntrainer: {max_steps: 100}\n"
+)
 
 
 def write_run(run_dir: Path, m: int, d: int, seed: int, status: str = "finished") -> None:
@@ -58,7 +62,7 @@ def write_run(run_dir: Path, m: int, d: int, seed: int, status: str = "finished"
     rng = np.random.default_rng(1000 * m + 100 * d + seed)
     run_dir.mkdir(parents=True)
     (run_dir / ".hydra").mkdir()
-    (run_dir / ".hydra/config.yaml").write_text("logger: {name: none}\n")
+    (run_dir / ".hydra/config.yaml").write_text(CONFIG)
     lines = []
     for step in STEPS:
         loss = 2.0 * math.exp(-(0.02 + 0.01 * m + 0.002 * d) * step) * rng.uniform(0.8, 1.25)
@@ -74,7 +78,11 @@ def write_run(run_dir: Path, m: int, d: int, seed: int, status: str = "finished"
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     top1 = 0.5 + 0.08 * m + 0.01 * d + rng.normal(0, 0.01)
     summary = {"status": status, "eval/top1": top1, "train/loss": loss}
-    summary |= {"hardware": {"device": "cpu", "cpu_threads": 1}, "wall_seconds": 1.0, "optimizers": {}}
+    summary |= {
+        "hardware": {"device": "cpu", "cpu_threads": 1},
+        "wall_seconds": 1.0,
+        "optimizers": {},
+    }
     if status != "finished":
         summary["error"] = "non-finite training loss at step 7"
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -327,7 +335,7 @@ def test_the_schedule_is_the_grid_relative_to_the_first_value_by_tensor_role(swe
         "adagrad#adam",
     ]
     assert figure._supylabel.get_text() == SCHEDULE_AXIS
-    assert SCHEDULE_AXIS == "‖u_M‖/‖u_D‖ relative to its first logged value"
+    assert SCHEDULE_AXIS == "‖u_M‖/‖u_D‖ ÷ lr schedule, relative to its first logged value"
     assert legend_texts(figure) == [
         "stem: conv1.weight",
         "middle block: layer2.0.conv1.weight",
@@ -466,3 +474,21 @@ def test_the_multipliers_and_tuning_figures_keep_their_titles_apart(sweeps):
     assert "adam#sgd, one trial at M's lr (2 of 3 seeds)" in legend_texts(figure)
     assert figure.axes[0].get_ylabel() == "eval/top1 (mean ± std over 3 seeds)"
     assert overlaps(figure) == []
+
+
+def test_the_schedule_plot_divides_out_the_lr_schedule(tmp_path):
+    # The trainer's schedule scales M's step, not D's: a ratio that follows a linear decay
+    # exactly is no implicit schedule at all, and reads as 1 at every step.
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra/config.yaml").write_text(
+        "schedule: {name: linear, warmup_steps: 0}\ntrainer: {max_steps: 100}\n"
+    )
+    lines = [
+        {"step": step, "norms/magnitude/w": 3.0 * (1 - (step - 1) / 100), "norms/direction/w": 1.0}
+        for step in range(10, 101, 10)
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    steps, ratios = schedule_free(run_dir)
+    assert list(steps) == list(range(10, 101, 10))
+    assert np.allclose(ratios["w"], 3.0)

@@ -7,10 +7,11 @@ curves.png    training loss over steps, one panel per magnitude M (a row of the 
               per direction D in D's colour (the same in every panel): the mean over seeds and
               a band from the lowest to the highest seed; M#M (plain M) thick and solid.
 schedule.png  each grafted cell's implicit schedule ‖u_M‖/‖u_D‖, laid out as the grid: per
-              tensor, relative to its own first logged value (the two learning rates, constant
-              factors, divide out, so pairs compare), for the stem, a middle block and the head
-              of the model and the median over all tensors; geometric mean over seeds, band
-              from the lowest to the highest seed.
+              tensor, divided by the run's lr schedule s(t) (which scales M's step and not
+              D's) and relative to its own first logged value (the two learning rates,
+              constant factors, divide out, so pairs compare), for the stem, a middle block
+              and the head of the model and the median over all tensors; geometric mean over
+              seeds, band from the lowest to the highest seed.
 
 Each `*_figure` function returns a matplotlib Figure (its axes and legends are what tests
 read); `write_plots` saves them. Figures are built without pyplot, so nothing needs a display
@@ -30,11 +31,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graft.common.run_dir import METRICS, MODEL, cell_name
+from graft.common.run_dir import METRICS, MODEL, cell_name, read_config
 from graft.grid.experiment import Experiment
 from graft.grid.tune import lower_is_better
 from graft.train.metrics import read_metrics
-from graft.train.recorded import implicit_schedules
+from graft.train.recorded import Recorded, implicit_schedules
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -53,7 +54,7 @@ NOISE_WIDTHS = 4  # the heatmap's colour range spans at least this many times th
 BAND_ALPHA = 0.18
 BAND_LABEL = "band: lowest..highest seed"
 CURVES_KEY = "colour = direction D, panel = magnitude M\nsolid = M#M (plain M), dashed = M#D"
-SCHEDULE_AXIS = "‖u_M‖/‖u_D‖ relative to its first logged value"
+SCHEDULE_AXIS = "‖u_M‖/‖u_D‖ ÷ lr schedule, relative to its first logged value"
 ROLE_COLOURS = {"stem": "tab:blue", "middle block": "tab:orange", "head": "tab:green"}
 
 
@@ -428,9 +429,20 @@ class Schedules:
     seeds: int  # the runs that logged norms
 
 
+def schedule_free(run_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(steps, per tensor ‖u_M‖/‖u_D‖ ÷ s(t)): the schedule multiplies M's step and not D's,
+    so without this a cosine or linear decay would show as the implicit schedule itself."""
+    steps, ratios = implicit_schedules(run_dir)
+    if not steps:
+        return np.array([]), {}
+    arrays = {name: np.array(values, dtype=float) for name, values in ratios.items()}
+    recorded = Recorded(run_dir, np.array(steps), arrays, read_config(run_dir))
+    return recorded.steps, recorded.schedule_free()
+
+
 def cell_schedules(cell: Cell, roles: Mapping[str, str]) -> Schedules | None:
-    runs = [implicit_schedules(run_dir) for run_dir in cell.run_dirs]
-    runs = [(np.array(steps), ratios) for steps, ratios in runs if steps]
+    runs = [schedule_free(run_dir) for run_dir in cell.run_dirs]
+    runs = [(steps, ratios) for steps, ratios in runs if len(steps)]
     if not runs:
         return None
     curves: dict[str, list[Curve]] = {role: [] for role in [*roles, "median"]}
