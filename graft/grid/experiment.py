@@ -80,6 +80,7 @@ class Experiment:
     study: dict[str, Any] = field(default_factory=dict)  # see graft/grid/studies.py
     verdict: dict[str, Any] = field(default_factory=dict)  # see graft/grid/verdict.py
     source: Path | None = None
+    tuned_from: str | None = None  # the record its `lr: tuned` values came from, as written
     # The file as it runs: its base merged in, `lr: tuned` filled in (what another version of
     # the experiment is told apart by, graft/grid/run.py).
     document: dict[str, Any] = field(default_factory=dict)
@@ -358,6 +359,7 @@ def load_experiment(name_or_path: str) -> Experiment:
         SCHEMA(raw, "")
     except Bad as bad:
         raise UserError(f"{path}: {bad}") from None
+    tuned_from = raw.get("tuned_from")
     raw = with_tuned_lrs(raw, path)
     grid = raw["grid"]
     experiment = Experiment(
@@ -375,6 +377,7 @@ def load_experiment(name_or_path: str) -> Experiment:
         study=dict(raw.get("study") or {}),
         verdict=dict(raw.get("verdict") or {}),
         source=path,
+        tuned_from=tuned_from,
         document=raw,
     )
     check(experiment, path)

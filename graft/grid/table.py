@@ -407,7 +407,7 @@ def learning_rates_line(
             line += " Chosen: " + "; ".join(choices) + "."
     else:
         source = experiment.source.name if experiment.source else "the experiment file"
-        record = experiment.document.get("tuned_from")
+        record = experiment.tuned_from
         line = (
             f"**Untuned**: the learning rates are the experiment file's ({source}), not chosen "
             "by `graft-grid --tune`."
