@@ -89,7 +89,14 @@ def train_config(*overrides):
 
 
 def test_train_yaml_composes_every_group():
-    assert names("task") == ["bert_base", "digits_resnet", "imagenet_resnet50", "tiny_bert"]
+    assert names("task") == [
+        "bert_base",
+        "digits_resnet",
+        "digits_resnet8",
+        "imagenet_resnet50",
+        "pydoc_lm",
+        "tiny_bert",
+    ]
     assert names("trainer") == ["default"] and names("logger") == ["none", "wandb"]
     cfg = train_config()
     assert cfg["task"]["name"] == "digits_resnet"
