@@ -1,4 +1,5 @@
-"""Tasks: image classification and masked-LM pretraining, each a model + data + loss + metrics."""
+"""Tasks: image classification and masked- or causal-LM pretraining, each a model + data + loss +
+metrics."""
 
 from __future__ import annotations
 

@@ -7,6 +7,11 @@ stay as they are (`transformers.DataCollatorForLanguageModeling`). Text is cut i
 blocks `[CLS] ... [SEP]` as in transformers' `run_mlm.py` ("group texts"); the next-sentence
 objective is left out, as RoBERTa (Liu et al. 2019) found it does not help.
 
+`task.kind: causal_lm` trains the same BERT layers on the same blocks as a causal language
+model instead (`transformers.BertLMHeadModel` with is_decoder): every next token is a target,
+where masking makes 15 % of them one. The CPU text proxy (configs/task/pydoc_lm.yaml) uses it,
+since at that scale the masked objective kept AdaGrad on the unigram plateau.
+
 Sources (`task.data.source`):
     pydoc         the English documentation bundled with CPython (`pydoc_data.topics`: 79 topics,
                   ~65k words), so the CPU default needs no download.
@@ -129,7 +134,7 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
         eval_set=eval_set.with_format("torch"),
         # No seed: training masks come from the global RNG, which the trainer checkpoints.
         collate=DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability),
-        loss=mlm_loss,
+        loss=model_loss,
         eval_sums=mlm_eval_sums,
         eval_collate=default_collate,  # items are masked already; stack them
     )
@@ -158,7 +163,7 @@ def causal_task(
         train_set=train_blocks.with_format("torch"),
         eval_set=eval_blocks.with_format("torch"),
         collate=next_token_batch,
-        loss=mlm_loss,
+        loss=model_loss,
         eval_sums=next_token_eval_sums,
     )
 
@@ -180,8 +185,9 @@ def next_token_eval_sums(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[
     }
 
 
-def mlm_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """Mean cross entropy over the batch's masked tokens."""
+def model_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """The model's own loss: mean cross entropy over the batch's masked tokens, or over every
+    next token for the causal model (which shifts the labels itself)."""
     return model(**batch).loss
 
 
