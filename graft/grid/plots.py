@@ -109,19 +109,23 @@ def across_seeds(curves: Sequence[Curve], geometric: bool = False) -> Band | Non
     return Band(steps, centre, table.min(axis=0), table.max(axis=0), len(curves))
 
 
-def loss_curves(run_dirs: Sequence[Path]) -> list[Curve]:
-    """train/loss over steps, one curve per run that logged any."""
+def metric_curves(run_dirs: Sequence[Path], metric: str = LOSS) -> list[Curve]:
+    """`metric` over steps, one curve per run that logged any; a value that is not a number
+    reads as NaN."""
     curves = []
     for run_dir in run_dirs:
-        lines = [line for line in read_metrics(run_dir / METRICS) if LOSS in line]
+        lines = [line for line in read_metrics(run_dir / METRICS) if metric in line]
         if lines:
-            curves.append(
-                (
-                    np.array([line["step"] for line in lines]),
-                    np.array([line[LOSS] for line in lines]),
-                )
-            )
+            values = [
+                v if isinstance(v := line[metric], int | float) else math.nan for line in lines
+            ]
+            curves.append((np.array([line["step"] for line in lines]), np.array(values, float)))
     return curves
+
+
+def loss_curves(run_dirs: Sequence[Path]) -> list[Curve]:
+    """train/loss over steps, one curve per run that logged any."""
+    return metric_curves(run_dirs, LOSS)
 
 
 def mean_loss_curve(run_dirs: list[Path]) -> tuple[list[int], np.ndarray] | None:

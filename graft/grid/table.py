@@ -45,7 +45,7 @@ from graft.common.run_dir import (
 )
 from graft.grid import publish
 from graft.grid.experiment import Experiment, load_experiment
-from graft.grid.plots import write_plots
+from graft.grid.plots import metric_curves, write_plots
 from graft.grid.publish import RESULTS, refuse_to_shrink, replace_folder, results_folder
 from graft.grid.tuning_record import record_budget, record_choices
 from graft.grid.verdict import (
@@ -64,7 +64,6 @@ from graft.grid.verdict import (
     scale,
 )
 from graft.grid.wandb_table import log_table
-from graft.train.metrics import read_metrics
 
 
 @dataclass(frozen=True)
@@ -312,14 +311,9 @@ def final_verdicts(cells: list[Cell], metric: str, resamples: int = RESAMPLES) -
 def logged_curves(runs: Runs, metric: str) -> list[tuple[list[int], list[float]]]:
     """(steps, values) of `metric` from each finished run's metrics.jsonl that logged it; a
     value that is not a number reads as nan (and keeps its cell from being judged)."""
-    curves = []
-    for run_dir in runs.run_dirs:
-        lines = [line for line in read_metrics(run_dir / METRICS) if metric in line]
-        if lines:
-            values = [line[metric] for line in lines]
-            numbers = [v if isinstance(v, int | float) else math.nan for v in values]
-            curves.append(([line["step"] for line in lines], numbers))
-    return curves
+    return [
+        (steps.tolist(), values.tolist()) for steps, values in metric_curves(runs.run_dirs, metric)
+    ]
 
 
 def curve_verdicts(cells: list[Cell], metric: str, resamples: int = RESAMPLES) -> list[str]:
