@@ -4,6 +4,7 @@ static correction, tuning transfer, schedule trend; and the trend fit on known c
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from graft.grid import publish
 from graft.grid.experiment import load_experiment
 from graft.grid.run import main as grid_main
 from graft.grid.run import run_grid
+from graft.grid.studies import recovery, transfer_verdict
+from graft.grid.table import Runs
+from graft.grid.verdict import of_seed_means
 from graft.train.recorded import Recorded
 from graft.transfer.trend import fit_trend
 
@@ -165,3 +169,68 @@ def test_a_study_whose_grafted_run_fails_still_writes_its_table_and_exits_1(
     assert "- adam+static seed 0: not run: sgd#adam seed 0 did not finish" in failed
     assert "| adam | " in table and summary(tmp_path, "div", "adam")["status"] == "finished"
     assert "3 of 4 runs did not finish" in capsys.readouterr().err
+
+
+def arm(*values: float) -> Runs:
+    return Runs({"eval/loss": list(values)}, [], [], len(values))
+
+
+NAMES = ("adam", "sgd", "sgd+static")  # M, D and D + static, as the static study names them
+
+
+def test_recovery_names_the_share_closed_with_its_interval():
+    text = recovery(
+        "eval/loss",
+        arm(1.0, 1.01, 0.99),
+        arm(2.0, 2.02, 1.98),
+        arm(1.5, 1.52, 1.48),
+        *NAMES,
+    )
+    assert "sgd+static (1.5000) closes 50 % of the gap" in text
+    low, high = (int(x) for x in re.search(r"interval \[(-?\d+) %, (-?\d+) %\]", text).groups())
+    assert low < 50 < high and high - low < 10
+
+
+def test_recovery_refuses_a_gap_the_seeds_do_not_show():
+    text = recovery(
+        "eval/loss",
+        arm(1.0, 1.2, 0.8),
+        arm(1.05, 1.25, 0.85),
+        arm(1.0, 1.1, 0.9),
+        *NAMES,
+    )
+    assert "are not separated" in text and "closes" not in text
+    assert "needs 2 or more" in recovery(
+        "eval/loss", arm(1.0), arm(2.0, 2.1), arm(1.5, 1.6), *NAMES
+    )
+
+
+@pytest.mark.parametrize(
+    ("grafted", "verdict"),
+    [
+        ((1.0, 1.02, 0.98), "no difference detected"),
+        ((1.5, 1.52, 1.48), "sgd#adagrad is worse"),
+        ((0.5, 0.52, 0.48), "sgd#adagrad is better"),
+    ],
+)
+def test_the_transfer_verdict_reads_the_interval_of_the_difference(grafted, verdict):
+    sweep = {0.01: arm(1.0, 1.03, 0.97), 0.1: arm(2.0, 2.1, 1.9), 0.001: arm(3.0, 3.1, 2.9)}
+    text = transfer_verdict("eval/loss", sweep, 0.01, arm(*grafted), "adagrad", "sgd#adagrad")
+    assert verdict in text and "Not bracketed" not in text
+
+
+@pytest.mark.parametrize(("best", "side"), [(0.001, "smallest"), (0.1, "largest")])
+def test_the_transfer_verdict_flags_a_best_at_an_end_of_the_sweep(best, side):
+    sweep = {lr: arm(1.0, 1.1) for lr in (0.001, 0.01, 0.1)}
+    text = transfer_verdict("eval/loss", sweep, best, arm(1.0, 1.1), "adagrad", "sgd#adagrad")
+    assert f"Not bracketed: adagrad's best is the {side} lr of the sweep" in text
+
+
+def test_a_statistic_of_seed_means_has_a_bootstrap_interval_that_regenerates():
+    x, y = [1.0, 1.2, 0.9, 1.1], [2.0, 2.1, 1.9, 2.2]
+    first = of_seed_means(lambda a, b: a - b, [x, y])
+    assert first == of_seed_means(lambda a, b: a - b, [x, y])  # a fixed generator
+    assert first.value == pytest.approx(np.mean(x) - np.mean(y))
+    assert first.low < first.value < first.high < 0
+    with pytest.raises(ValueError, match="2 or more finite values"):
+        of_seed_means(lambda a: a, [[1.0]])

@@ -18,6 +18,7 @@ failed seed's error.log.
 from __future__ import annotations
 
 import shutil
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ from graft.grid.table import (
     write_provenance,
 )
 from graft.grid.tune import lower_is_better
+from graft.grid.verdict import holds_zero, of_seed_means
 from graft.train.recorded import load_recorded
 from graft.transfer.static import derive, parse_window, write_multipliers
 from graft.transfer.trend import fit_trend
@@ -165,7 +167,7 @@ def static_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
     lines.append(
         f"Multipliers: {len(content['multipliers'])} tensors, from {grafted} seed "
         f"{experiment.seeds[0]}, steps {window[0]}..{window[1]} ({content['reduce']}; "
-        f"`multipliers.json`, `multipliers.png`). Mean ± std over seeds {experiment.seeds}.\n"
+        f"`multipliers.json`, `multipliers.png`). Mean ± s.e.m. over seeds {experiment.seeds}.\n"
     )
     lines.append(
         "| run | " + " | ".join(experiment.metrics) + " | optimizer state | vs " + m + " |"
@@ -176,7 +178,7 @@ def static_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
         size = state_bytes(runs)
         ratio = f"{size / reference:.2f}x" if size is not None and reference else "-"
         shown = "-" if size is None else f"{size / 2**20:.2f} MiB"
-        cells = " | ".join(runs.text(name) for name in experiment.metrics)
+        cells = " | ".join(runs.text(name, sem=True) for name in experiment.metrics)
         lines.append(f"| {arm} | {cells} | {shown} | {ratio} |")
     lines.append("")
     lines.append(recovery(metric, arms[m], arms[d], arms[corrected], m, d, corrected))
@@ -195,30 +197,40 @@ def unfinished_static(experiment: Experiment, arms: dict[str, Runs]) -> str:
     lines.append("| run | " + " | ".join(experiment.metrics) + " |")
     lines.append("|---|" + "---|" * len(experiment.metrics))
     for arm, runs in arms.items():
-        lines.append(f"| {arm} | " + " | ".join(runs.text(m) for m in experiment.metrics) + " |")
+        lines.append(
+            f"| {arm} | " + " | ".join(runs.text(m, sem=True) for m in experiment.metrics) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def recovery(
     metric: str, best: Runs, base: Runs, corrected: Runs, m: str, d: str, name: str
 ) -> str:
-    """How much of the gap from D to M the correction closes, on the headline metric."""
-    means = [runs.mean(metric) for runs in (best, base, corrected)]
-    if any(value is None for value in means):
-        return f"Recovery on {metric}: needs {m}, {d} and {name} to finish."
-    top, bottom, fixed = means
-    noise = max(runs.spread(metric) for runs in (best, base, corrected))
-    gap = top - bottom
-    if abs(gap) <= noise:
+    """How much of the gap from D to M the correction closes, on the headline metric, each
+    figure with its 95 % bootstrap interval over seeds (graft/grid/verdict.py of_seed_means):
+    first whether M and D differ at all, then the share of their gap that D + static closes."""
+    arms = {m: best, d: base, name: corrected}
+    values = [arm.values.get(metric) or [] for arm in arms.values()]
+    if any(len(seeds) < 2 for seeds in values):
+        return f"Recovery on {metric}: needs 2 or more finished seeds of {', '.join(arms)}."
+    top, bottom, fixed = (statistics.fmean(seeds) for seeds in values)
+    gap = of_seed_means(lambda x, y: x - y, values[:2])
+    if holds_zero(gap):
         return (
-            f"On {metric}, {m} and {d} differ by {abs(gap):.4f}, within the seed spread "
-            f"({noise:.4f}): at this scale there is no gap for the correction to close."
+            f"On {metric}, {m} ({top:.4f}) and {d} ({bottom:.4f}) are not separated: "
+            f"{m} − {d} = {gap} (95 % bootstrap interval over seeds holds 0), so at this scale "
+            "there is no gap for the correction to close."
         )
-    closed = (fixed - bottom) / gap
+    closed = of_seed_means(lambda x, y, z: (z - y) / (x - y), values)
     return (
-        f"On {metric}, {name} closes {100 * closed:.0f} % of the gap from {d} "
-        f"({bottom:.4f}) to {m} ({top:.4f}): {fixed:.4f} (seed spread up to {noise:.4f})."
+        f"On {metric}, {m} − {d} = {gap} (95 % bootstrap interval over seeds); {name} "
+        f"({fixed:.4f}) closes {percent(closed.value)} of the gap from {d} ({bottom:.4f}) to "
+        f"{m} ({top:.4f}), interval [{percent(closed.low)}, {percent(closed.high)}]."
     )
+
+
+def percent(share: float) -> str:
+    return f"{100 * share:.0f} %"
 
 
 def static_plots(
@@ -290,7 +302,9 @@ def tuning_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
     own = run_arm(experiment, shared, sweep_dir, m, plain(m))
     transfer = run_arm(experiment, shared, sweep_dir, grafted, grafted_pair(m, d))
     finished = {
-        lr: runs.mean(metric) for lr, runs in sweep.items() if runs.mean(metric) is not None
+        lr: runs.mean(metric)
+        for lr, runs in sweep.items()
+        if runs.mean(metric) is not None and not runs.failures  # a failed seed: a failed lr
     }
     pick = min if lower_is_better(metric) else max
     best = pick(finished, key=finished.__getitem__) if finished else None
@@ -300,35 +314,23 @@ def tuning_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
     lines.append(
         f"{d} tuned the usual way: {len(lrs)} learning rates x {len(experiment.seeds)} seeds. "
         f"{grafted}: one run per seed at {m}'s tuned lr ({m_lr}), {d}'s lr never searched. "
-        f"Mean ± std over seeds {experiment.seeds}.\n"
+        f"Mean ± s.e.m. over seeds {experiment.seeds}.\n"
     )
     lines.append("| run | trials | " + " | ".join(experiment.metrics) + " |")
     lines.append("|---|---|" + "---|" * len(experiment.metrics))
     for lr, runs in sweep.items():
         mark = " **best**" if lr == best else ""
-        cells = " | ".join(runs.text(name) for name in experiment.metrics)
+        cells = " | ".join(runs.text(name, sem=True) for name in experiment.metrics)
         lines.append(f"| {d} lr={lr}{mark} | 1 of {len(lrs)} | {cells} |")
     for label, runs in ((f"{m} (tuned)", own), (grafted, transfer)):
-        cells = " | ".join(runs.text(name) for name in experiment.metrics)
+        cells = " | ".join(runs.text(name, sem=True) for name in experiment.metrics)
         lines.append(f"| {label} | 1 | {cells} |")
     lines.append("")
-    if best is None or transfer.mean(metric) is None:
-        lines.append(f"Needs {grafted} and at least one {d} learning rate to finish.")
-    else:
-        gap = transfer.mean(metric) - sweep[best].mean(metric)
-        noise = max(transfer.spread(metric), sweep[best].spread(metric))
-        if abs(gap) <= noise:
-            verdict = "matches it: the gap is within the seed spread"
-        elif (gap < 0) == lower_is_better(metric):
-            verdict = "beats it"
-        else:
-            verdict = "falls short of it"
-        lines.append(
-            f"Best tuned {d}: lr={best}, {metric} {sweep[best].mean(metric):.4f}. Grafted "
-            f"{grafted}: {transfer.mean(metric):.4f}, which {verdict} ({gap:+.4f}; seed spread "
-            f"up to {noise:.4f}). Trials saved: {len(lrs) - 1} of {len(lrs)} "
-            f"({(len(lrs) - 1) * len(experiment.seeds)} runs over {len(experiment.seeds)} seeds)."
-        )
+    lines.append(transfer_verdict(metric, sweep, best, transfer, d, grafted))
+    lines.append(
+        f"Trials saved: {len(lrs) - 1} of {len(lrs)} "
+        f"({(len(lrs) - 1) * len(experiment.seeds)} runs over {len(experiment.seeds)} seeds)."
+    )
     arms = {f"{d} lr={lr}": runs for lr, runs in sweep.items()}
     arms |= {m: own, grafted: transfer}
     return (
@@ -336,6 +338,39 @@ def tuning_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
         arms,
         lambda folder: tuning_plot(folder, experiment, sweep, transfer, grafted),
     )
+
+
+def transfer_verdict(
+    metric: str, sweep: dict[float, Runs], best: float | None, transfer: Runs, d: str, grafted: str
+) -> str:
+    """Does the one grafted run match D's best tuned lr? The difference of their means with its
+    95 % bootstrap interval over seeds; "no difference detected" when the interval holds 0.
+    A best at either end of the sweep is flagged: a value beyond it might do better."""
+    grafted_values = transfer.values.get(metric) or []
+    if best is None or len(grafted_values) < 2 or len(sweep[best].values[metric]) < 2:
+        return f"Needs 2 or more finished seeds of {grafted} and of one {d} learning rate."
+    tuned = sweep[best].values[metric]
+    gap = of_seed_means(lambda x, y: x - y, [grafted_values, tuned])
+    if holds_zero(gap):
+        verdict = "no difference detected (the interval holds 0)"
+    elif (gap.value < 0) == lower_is_better(metric):
+        verdict = f"{grafted} is better"
+    else:
+        verdict = f"{grafted} is worse"
+    lines = [
+        f"Best tuned {d}: lr={best}, {metric} {statistics.fmean(tuned):.4f}. Grafted {grafted}: "
+        f"{statistics.fmean(grafted_values):.4f}. {grafted} − best {d} = {gap} (95 % bootstrap "
+        f"interval over seeds): {verdict}. The best is picked on these same seeds, so its mean "
+        "is slightly optimistic."
+    ]
+    ends = sorted(sweep)
+    if len(ends) > 1 and best in (ends[0], ends[-1]):
+        side = "smallest" if best == ends[0] else "largest"
+        lines.append(
+            f"Not bracketed: {d}'s best is the {side} lr of the sweep, so one beyond it might do "
+            "better (add it to study.lrs)."
+        )
+    return " ".join(lines)
 
 
 def tuning_plot(
@@ -408,9 +443,8 @@ def trend_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> S
             + ("a linear trend fits better" if linear > power else "a power law fits better")
             + ". The paper reports a linearly increasing correction."
         )
-    lines.append(
-        "\n" + "\n".join(f"- {metric}: {runs.text(metric)}" for metric in experiment.metrics)
-    )
+    lines.append("\nFinal metrics of the grafted run (mean ± s.e.m. over seeds):\n")
+    lines.extend(f"- {metric}: {runs.text(metric, sem=True)}" for metric in experiment.metrics)
     return (
         "\n".join(lines) + "\n",
         {grafted: runs},

@@ -16,13 +16,16 @@ generator with a fixed seed, so the same runs give the same verdict), and the ve
 separated, nothing can be told; f's lies above 0: far from both; Δ's above 0: closer to M#M,
 below 0: closer to D#D; otherwise: can't tell.
 
+`of_seed_means` is the same bootstrap for the studies' comparisons of arms (graft/grid/studies.py):
+a statistic of the arms' seed means with its 95 % interval.
+
 Pure functions over numpy arrays; reading runs and writing the table is graft/grid/table.py's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,7 +168,7 @@ def judge(
 def decide(delta: Estimate, separation: Estimate, far: Estimate) -> str:
     """The rule, in order: diagonals not separated; far from both; closer to M#M or D#D;
     can't tell."""
-    if separation.low <= 0 <= separation.high:
+    if holds_zero(separation):
         return NOT_SEPARATED
     if far.low > 0:
         return FAR
@@ -192,6 +195,40 @@ def on_shared_steps(
         )
         for cell in logged
     ]
+
+
+def of_seed_means(
+    statistic: Callable[..., np.ndarray | float],
+    samples: Sequence[Sequence[float]],
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Estimate:
+    """statistic(mean of sample 1, mean of sample 2, ...) on the seeds as they are, with its
+    95 % bootstrap percentile interval: each sample (one value per seed, 2 or more) resampled
+    with replacement, independently, in the order given. The studies' comparisons of arms
+    (a difference of means, the share of a gap closed) use it; `statistic` works elementwise
+    on numpy arrays."""
+    samples = [np.asarray(sample, dtype=float) for sample in samples]
+    for sample in samples:
+        if sample.ndim != 1 or len(sample) < 2 or not np.isfinite(sample).all():
+            raise ValueError(f"each sample needs 2 or more finite values, not {sample}")
+    if resamples < 1:
+        raise ValueError(f"need resamples >= 1, not {resamples}")
+    generator = np.random.default_rng(seed)
+    means = [
+        sample[generator.integers(0, len(sample), size=(resamples, len(sample)))].mean(axis=1)
+        for sample in samples
+    ]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        observed = float(statistic(*(sample.mean() for sample in samples)))
+        drawn = np.asarray(statistic(*means), dtype=float)
+    tail = 100 * (1 - LEVEL) / 2
+    low, high = np.nanpercentile(drawn, [tail, 100 - tail])
+    return Estimate(observed, float(low), float(high))
+
+
+def holds_zero(estimate: Estimate) -> bool:
+    return estimate.low <= 0 <= estimate.high
 
 
 @dataclass(frozen=True)
