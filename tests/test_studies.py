@@ -17,7 +17,7 @@ from graft.grid.experiment import load_experiment
 from graft.grid.run import main as grid_main
 from graft.grid.run import run_grid
 from graft.grid.studies import recovery, transfer_verdict
-from graft.grid.table import Runs
+from graft.grid.table import Failure, Runs
 from graft.grid.verdict import of_seed_means
 from graft.train.recorded import Recorded
 from graft.transfer.trend import fit_trend
@@ -189,6 +189,11 @@ def test_recovery_names_the_share_closed_with_its_interval():
     assert "sgd+static (1.5000) closes 50 % of the gap" in text
     low, high = (int(x) for x in re.search(r"interval \[(-?\d+) %, (-?\d+) %\]", text).groups())
     assert low < 50 < high and high - low < 10
+    assert "significantly more than none and less than all" in text
+    noisy = recovery(
+        "eval/loss", arm(1.0, 1.5, 0.5), arm(2.0, 2.5, 1.5), arm(1.5, 2.3, 0.7), *NAMES
+    )
+    assert "the seeds cannot tell how much it closes" in noisy
 
 
 def test_recovery_refuses_a_gap_the_seeds_do_not_show():
@@ -200,8 +205,12 @@ def test_recovery_refuses_a_gap_the_seeds_do_not_show():
         *NAMES,
     )
     assert "are not separated" in text and "closes" not in text
-    assert "needs 2 or more" in recovery(
+    assert "not judged: adam has 0 failed seed(s) and 1 finished" in recovery(
         "eval/loss", arm(1.0), arm(2.0, 2.1), arm(1.5, 1.6), *NAMES
+    )
+    failed = Runs({"eval/loss": [1.5, 1.6]}, [Failure(2, "diverged", Path("x"))], [], 3)
+    assert "not judged: sgd+static has 1 failed seed(s)" in recovery(
+        "eval/loss", arm(1.0, 1.1), arm(2.0, 2.1), failed, *NAMES
     )
 
 

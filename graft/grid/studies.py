@@ -210,9 +210,10 @@ def recovery(
     figure with its 95 % bootstrap interval over seeds (graft/grid/verdict.py of_seed_means):
     first whether M and D differ at all, then the share of their gap that D + static closes."""
     arms = {m: best, d: base, name: corrected}
-    values = [arm.values.get(metric) or [] for arm in arms.values()]
-    if any(len(seeds) < 2 for seeds in values):
-        return f"Recovery on {metric}: needs 2 or more finished seeds of {', '.join(arms)}."
+    unjudged = not_judged(metric, arms)
+    if unjudged:
+        return f"Recovery on {metric}: {unjudged}."
+    values = [arm.values[metric] for arm in arms.values()]
     top, bottom, fixed = (statistics.fmean(seeds) for seeds in values)
     gap = of_seed_means(lambda x, y: x - y, values[:2])
     if holds_zero(gap):
@@ -222,11 +223,31 @@ def recovery(
             "there is no gap for the correction to close."
         )
     closed = of_seed_means(lambda x, y, z: (z - y) / (x - y), values)
+    none, all_ = closed.low <= 0 <= closed.high, closed.low <= 1 <= closed.high
+    reading = {
+        (True, True): "the seeds cannot tell how much it closes",
+        (True, False): "not distinguishable from closing none of it",
+        (False, True): "not distinguishable from closing all of it",
+        (False, False): "significantly more than none and less than all",
+    }[none, all_]
     return (
         f"On {metric}, {m} − {d} = {gap} (95 % bootstrap interval over seeds); {name} "
         f"({fixed:.4f}) closes {percent(closed.value)} of the gap from {d} ({bottom:.4f}) to "
-        f"{m} ({top:.4f}), interval [{percent(closed.low)}, {percent(closed.high)}]."
+        f"{m} ({top:.4f}), interval [{percent(closed.low)}, {percent(closed.high)}]: {reading}."
     )
+
+
+def not_judged(metric: str, arms: dict[str, Runs]) -> str | None:
+    """Why arms cannot be compared (as the grid's verdict rule: any failed seed, or fewer
+    than 2 finished), or None."""
+    for name, runs in arms.items():
+        finished = len(runs.values.get(metric) or [])
+        if runs.failures or finished < 2:
+            return (
+                f"not judged: {name} has {len(runs.failures)} failed seed(s) and {finished} "
+                "finished (needs every seed finished, 2 or more)"
+            )
+    return None
 
 
 def percent(share: float) -> str:
@@ -346,10 +367,12 @@ def transfer_verdict(
     """Does the one grafted run match D's best tuned lr? The difference of their means with its
     95 % bootstrap interval over seeds; "no difference detected" when the interval holds 0.
     A best at either end of the sweep is flagged: a value beyond it might do better."""
-    grafted_values = transfer.values.get(metric) or []
-    if best is None or len(grafted_values) < 2 or len(sweep[best].values[metric]) < 2:
-        return f"Needs 2 or more finished seeds of {grafted} and of one {d} learning rate."
-    tuned = sweep[best].values[metric]
+    if best is None:
+        return f"Not judged: no {d} learning rate has every seed finished."
+    unjudged = not_judged(metric, {grafted: transfer, f"{d} lr={best}": sweep[best]})
+    if unjudged:
+        return unjudged[0].upper() + unjudged[1:] + "."
+    grafted_values, tuned = transfer.values[metric], sweep[best].values[metric]
     gap = of_seed_means(lambda x, y: x - y, [grafted_values, tuned])
     if holds_zero(gap):
         verdict = "no difference detected (the interval holds 0)"
