@@ -48,7 +48,7 @@ from graft.grid.table import (
     write_provenance,
 )
 from graft.grid.tune import lower_is_better
-from graft.grid.verdict import holds_zero, of_seed_means
+from graft.grid.verdict import holds_zero, log_scale, of_seed_means
 from graft.train.recorded import load_recorded
 from graft.transfer.static import derive, parse_window, write_multipliers
 from graft.transfer.trend import fit_trend
@@ -405,7 +405,8 @@ def tuning_plot(
 def tuning_figure(
     experiment: Experiment, sweep: dict[float, Runs], transfer: Runs, grafted: str
 ) -> Figure:
-    """D's metric at each learning rate (mean ± std over seeds) against the one grafted run."""
+    """D's metric at each learning rate (mean ± s.e.m. over seeds, as the table) against the
+    one grafted run; a loss on a log scale, so that a diverged lr does not flatten the rest."""
     from matplotlib.figure import Figure
 
     metric = headline(experiment)
@@ -417,19 +418,21 @@ def tuning_figure(
     axis.errorbar(
         [lr for lr, _ in done],
         [runs.mean(metric) for _, runs in done],
-        yerr=[runs.spread(metric) for _, runs in done],
+        yerr=[runs.spread(metric, sem=True) for _, runs in done],
         marker="o",
         capsize=3,
         label=f"{d} alone, one trial per lr",
     )
     if transfer.mean(metric) is not None:
-        mean, spread = transfer.mean(metric), transfer.spread(metric)
+        mean, spread = transfer.mean(metric), transfer.spread(metric, sem=True)
         finished = len(transfer.values.get(metric) or [])
         note = seeds_note(finished, seeds)
         axis.axhline(mean, color="tab:red", label=f"{grafted}, one trial at M's lr{note}")
-        axis.axhspan(mean - spread, mean + spread, color="tab:red", alpha=0.15, label="± std")
+        axis.axhspan(mean - spread, mean + spread, color="tab:red", alpha=0.15, label="± s.e.m.")
     axis.set(xscale="log", xlabel=f"{d} learning rate")
-    axis.set_ylabel(f"{metric} (mean ± std over {seeds} seeds)")
+    if log_scale(metric):
+        axis.set_yscale("log")
+    axis.set_ylabel(f"{metric} (mean ± s.e.m. over {seeds} seeds)")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize="small")
     figure.suptitle(f"{experiment.name}: tuning {d} vs grafting its lr")
