@@ -472,7 +472,8 @@ def test_the_multipliers_and_tuning_figures_keep_their_titles_apart(sweeps):
     sweep = {0.01: runs(0.5, 0.52, 0.55), 0.1: runs(0.6, 0.61, 0.65)}
     figure = tuning_figure(experiment, sweep, runs(0.58, 0.6), "adam#sgd")
     assert "adam#sgd, one trial at M's lr (2 of 3 seeds)" in legend_texts(figure)
-    assert figure.axes[0].get_ylabel() == "eval/top1 (mean ± std over 3 seeds)"
+    assert figure.axes[0].get_ylabel() == "eval/top1 (mean ± s.e.m. over 3 seeds)"
+    assert figure.axes[0].get_yscale() == "linear"  # an accuracy; a loss is drawn on a log scale
     assert overlaps(figure) == []
 
 
