@@ -270,7 +270,7 @@ RESNET8_TUNED = (  # results/digits_resnet8-tuned/tuning.md's choices
 EIGHT, SIXTEEN = list(range(8)), list(range(16))
 PYDOC_LM_LOGS = "trainer.log_every=10 trainer.log_norms_every=10 trainer.progress=false logger=none"
 PYDOC_LM_STATIC_TUNED = (  # results/pydoc_lm-tuned/tuning.md's adam and sgd lrs
-    "+optimizers.adam.lr=0.006 +optimizers.sgd.lr=0.3 +optimizers.sgd.momentum=0.9"
+    "+optimizers.adam.lr=0.006 +optimizers.sgd.lr=0.5 +optimizers.sgd.momentum=0.9"
 )
 SHIPPED = {
     "adagrad_schedule": (
