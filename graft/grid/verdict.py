@@ -149,11 +149,10 @@ def judge(
         for name, values in measures(*means).items():
             if name in drawn:
                 drawn[name].append(values)
-    tail = 100 * (1 - LEVEL) / 2
-    estimates = {}
-    for name, parts in drawn.items():
-        low, high = np.percentile(np.concatenate(parts), [tail, 100 - tail])
-        estimates[name] = Estimate(float(observed[name]), float(low), float(high))
+    estimates = {
+        name: Estimate(float(observed[name]), *interval(np.concatenate(parts)))
+        for name, parts in drawn.items()
+    }
     return Judgement(
         to_magnitude=float(observed["a"]),
         to_direction=float(observed["b"]),
@@ -222,9 +221,15 @@ def of_seed_means(
     with np.errstate(divide="ignore", invalid="ignore"):
         observed = float(statistic(*(sample.mean() for sample in samples)))
         drawn = np.asarray(statistic(*means), dtype=float)
+    return Estimate(observed, *interval(drawn))
+
+
+def interval(drawn: np.ndarray) -> tuple[float, float]:
+    """The LEVEL percentile interval of resampled values (a resample whose statistic is
+    undefined, e.g. a ratio over 0, is left out)."""
     tail = 100 * (1 - LEVEL) / 2
     low, high = np.nanpercentile(drawn, [tail, 100 - tail])
-    return Estimate(observed, float(low), float(high))
+    return float(low), float(high)
 
 
 def holds_zero(estimate: Estimate) -> bool:
