@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from graft.common.errors import EXIT_RUN_FAILED, UserError
+from graft.common.run_dir import read_config
 from graft.grid import publish
 from graft.grid.experiment import load_experiment
 from graft.grid.run import main as grid_main
@@ -50,10 +51,10 @@ def summary(folder: Path, name: str, arm: str) -> dict:
 
 
 @pytest.mark.slow
-def test_static_study_runs_four_arms_and_sgd_plus_static_keeps_sgd_state_alone(tmp_path):
-    results = run_study(tmp_path, "st", "{kind: static, window: '2:4'}")
+def test_static_study_runs_its_arms_and_sgd_plus_static_keeps_sgd_state_alone(tmp_path):
+    results = run_study(tmp_path, "st", "{kind: static, window: '2:4', scales: [1, 0.5]}")
     table = (results / "table.md").read_text()
-    for arm in ("adam", "sgd", "adam#sgd", "sgd+static"):
+    for arm in ("adam", "sgd", "adam#sgd", "sgd+static", "sgd+static-x0.5"):
         assert summary(tmp_path, "st", arm)["status"] == "finished"
         assert f"| {arm} |" in table
     derived = json.loads((results / "multipliers.json").read_text())
@@ -65,6 +66,12 @@ def test_static_study_runs_four_arms_and_sgd_plus_static_keeps_sgd_state_alone(t
     assert "| sgd+static |" in table and "| 0.50x |" in table.split("| sgd+static |")[1]
     assert (results / "multipliers.png").exists() and (results / "curves.png").exists()
     assert "steps 2..4" in table
+    half = json.loads((results / "multipliers-x0.5.json").read_text())
+    assert half["scale"] == 0.5 and "scale" not in derived
+    assert half["multipliers"] == {k: v * 0.5 for k, v in derived["multipliers"].items()}
+    trained = read_config(tmp_path / "outputs/st/sgd+static-x0.5/seed0")
+    assert trained["static"].endswith("multipliers-x0.5.json")
+    assert table.count("Recovery on eval/loss") + table.count("On eval/loss") == 2
 
 
 @pytest.mark.slow
@@ -133,6 +140,9 @@ def test_the_trend_divides_out_the_runs_schedule():
         ("{kind: static}", "[adam, sgd]", "grid needs one magnitude and one direction"),
         ("{kind: static, window: 10:20}", "[adam]", "study.window: 620 is not 'START:END'"),
         ("{kind: static, reduce: max}", "[adam]", "study.reduce: 'max' is unknown"),
+        ("{kind: static, scales: [0]}", "[adam]", "study.scales.*0.*a number > 0"),
+        ("{kind: static, scales: [1, 1.0]}", "[adam]", "study.scales: .*without repeats"),
+        ("{kind: tuning_transfer, lrs: [1], scales: [1]}", "[adam]", "does not apply to tun"),
     ],
 )
 def test_a_bad_study_block_is_named(tmp_path, study, grid, message):

@@ -17,7 +17,13 @@ from graft.tasks import build_task
 from graft.train.multipliers import load_multipliers
 from graft.train.optimizer import build_optimizer
 from graft.train.recorded import Recorded, load_recorded
-from graft.transfer.static import default_window, derive, parse_window, write_multipliers
+from graft.transfer.static import (
+    default_window,
+    derive,
+    parse_window,
+    scaled,
+    write_multipliers,
+)
 from tests.runs import config, metric_lines, train_in_process
 
 # adam#sgd with every step's norms logged, fp64 so that a replay can match it to 1e-10.
@@ -97,6 +103,17 @@ def test_a_bad_window_is_named(window, message):
 def test_a_zero_direction_norm_throughout_gets_multiplier_one():
     content = derive(synthetic([1, 2, 3], {"w": [2.0, 2.0, 2.0], "frozen": [np.nan] * 3}), (1, 3))
     assert content["multipliers"]["frozen"] == 1.0 and content["no_ratio"] == ["frozen"]
+
+
+def test_scaled_multipliers_record_their_factor_and_one_is_the_file_unchanged():
+    content = derive(synthetic([1, 2, 3], {"w": [2.0, 2.0, 2.0], "b": [4.0] * 3}), (1, 3))
+    assert scaled(content, 1) == content
+    half = scaled(content, 0.5)
+    assert half["scale"] == 0.5 and half["multipliers"] == {"w": 1.0, "b": 2.0}
+    assert content["multipliers"] == {"w": 2.0, "b": 4.0}  # the derived content is kept
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="--scale .*allowed: a finite number > 0"):
+            scaled(content, bad)
 
 
 @pytest.mark.slow
@@ -221,6 +238,7 @@ def test_graft_static_bad_input_is_one_line_and_exit_code_2(source, tmp_path):
         ([str(tmp_path)], "is not a graft-train run directory"),
         ([str(source), "--window", "40:60"], "outside the run's logged steps 1..12"),
         ([str(source), "--out", str(tmp_path / "taken.json")], "already holds other multipliers"),
+        ([str(source), "--scale", "0"], "--scale 0.0; allowed: a finite number > 0"),
     ]:
         result = subprocess.run(
             [sys.executable, "-m", "graft.transfer.cli", "derive", *args],

@@ -58,7 +58,7 @@ TUNED_SUFFIX = "-tuned"  # results/<name>-tuned/: a tuned grid's (graft/grid/pub
 
 # Study kinds and the options each takes (graft/grid/studies.py).
 STUDY_OPTIONS = {
-    "static": ("window", "reduce"),
+    "static": ("window", "reduce", "scales"),
     "tuning_transfer": ("lrs",),
     "schedule_trend": (),
 }
@@ -310,6 +310,7 @@ KEYS: dict[str, Check] = {
             "window": optional_window,
             "reduce": TEXT,
             "lrs": list_of(POSITIVE, "[0.01, 0.1]"),
+            "scales": list_of(POSITIVE, "[1, 0.6]"),
         },
         ("kind",),
     ),

@@ -50,7 +50,7 @@ from graft.grid.table import (
 from graft.grid.tune import lower_is_better
 from graft.grid.verdict import holds_zero, log_scale, of_seed_means
 from graft.train.recorded import load_recorded
-from graft.transfer.static import derive, parse_window, write_multipliers
+from graft.transfer.static import derive, parse_window, scaled, write_multipliers
 from graft.transfer.trend import fit_trend
 
 if TYPE_CHECKING:
@@ -146,28 +146,36 @@ def static_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
         d: run_arm(experiment, shared, sweep_dir, d, plain(d)),
         grafted: run_arm(experiment, shared, sweep_dir, grafted, grafted_pair(m, d)),
     }
+    scales = [float(scale) for scale in experiment.study.get("scales", [1])]
     source = sweep_dir / grafted / seed_folder(experiment.seeds[0])
-    corrected = f"{d}+static"  # as graft-train names such a run
-    if source not in arms[grafted].run_dirs:  # nothing to derive from: the arm cannot run
+    if source not in arms[grafted].run_dirs:  # nothing to derive from: the arms cannot run
         reason = f"not run: {grafted} seed {experiment.seeds[0]} did not finish"
         failures = [Failure(seed, reason, source) for seed in experiment.seeds]
-        arms[corrected] = Runs({name: [] for name in experiment.metrics}, failures, [], 0)
+        for scale in scales:
+            arms[corrected_name(d, scale)] = Runs(
+                {name: [] for name in experiment.metrics}, failures, [], 0
+            )
         return unfinished_static(experiment, arms), arms, lambda folder: None
     recorded = load_recorded(source)
     window = parse_window(experiment.study.get("window"), recorded)
     content = derive(recorded, window, experiment.study.get("reduce", "median"))
-    multipliers = sweep_dir / "multipliers.json"
-    write_multipliers(multipliers, content)
-    arms[corrected] = run_arm(
-        experiment, shared, sweep_dir, corrected, [*plain(d), f"static={multipliers.resolve()}"]
-    )
+    files = {}
+    for scale in scales:
+        name = corrected_name(d, scale)
+        files[name] = sweep_dir / multipliers_file(scale)
+        write_multipliers(files[name], scaled(content, scale))
+        arms[name] = run_arm(
+            experiment, shared, sweep_dir, name, [*plain(d), f"static={files[name].resolve()}"]
+        )
 
     metric = headline(experiment)
     lines = header(experiment)
     lines.append(
         f"Multipliers: {len(content['multipliers'])} tensors, from {grafted} seed "
         f"{experiment.seeds[0]}, steps {window[0]}..{window[1]} ({content['reduce']}; "
-        f"`multipliers.json`, `multipliers.png`). Mean ± s.e.m. over seeds {experiment.seeds}.\n"
+        f"`multipliers.json`, `multipliers.png`)"
+        + scales_note(d, scales)
+        + f". Mean ± s.e.m. over seeds {experiment.seeds}.\n"
     )
     lines.append(
         "| run | " + " | ".join(experiment.metrics) + " | optimizer state | vs " + m + " |"
@@ -181,13 +189,35 @@ def static_study(experiment: Experiment, shared: list[str], sweep_dir: Path) -> 
         cells = " | ".join(runs.text(name, sem=True) for name in experiment.metrics)
         lines.append(f"| {arm} | {cells} | {shown} | {ratio} |")
     lines.append("")
-    lines.append(recovery(metric, arms[m], arms[d], arms[corrected], m, d, corrected))
+    for name in files:
+        lines.append(recovery(metric, arms[m], arms[d], arms[name], m, d, name) + "\n")
 
     def draw(folder: Path) -> None:
-        shutil.copyfile(multipliers, folder / "multipliers.json")
+        for path in files.values():
+            shutil.copyfile(path, folder / path.name)
         static_plots(folder, experiment, arms, content)
 
-    return "\n".join(lines) + "\n", arms, draw
+    return "\n".join(lines), arms, draw
+
+
+def corrected_name(d: str, scale: float) -> str:
+    """D + static as graft-train names such a run; at another scale, with its factor."""
+    return f"{d}+static" if scale == 1 else f"{d}+static-x{scale:g}"
+
+
+def multipliers_file(scale: float) -> str:
+    return "multipliers.json" if scale == 1 else f"multipliers-x{scale:g}.json"
+
+
+def scales_note(d: str, scales: list[float]) -> str:
+    others = [scale for scale in scales if scale != 1]
+    if not others:
+        return ""
+    factors = ", ".join(f"{scale:g}" for scale in others)
+    return (
+        f"; {d}+static-xS trains with every multiplier times S ({factors}: "
+        f"{'`, `'.join(multipliers_file(scale) for scale in others).join('``')})"
+    )
 
 
 def unfinished_static(experiment: Experiment, arms: dict[str, Runs]) -> str:

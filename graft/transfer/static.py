@@ -94,6 +94,18 @@ def derive(recorded: Recorded, window: tuple[int, int], reduce: str = "median") 
     }
 
 
+def scaled(content: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """The multipliers times one global factor (D + static at `scale` times D's base lr): the
+    correction moves every layer's lr, so D's own tuned lr need not be its best base. The
+    file records the factor; at 1 it is the derived file unchanged."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise UserError(f"--scale {scale!r}; allowed: a finite number > 0")
+    if scale == 1:
+        return dict(content)
+    multipliers = {name: value * scale for name, value in content["multipliers"].items()}
+    return {**content, "scale": scale, "multipliers": multipliers}
+
+
 def write_multipliers(path: Path, content: Mapping[str, Any]) -> None:
     """Write the file (under a temporary name, then renamed: never half-written); an existing
     one derived differently is refused, never overwritten."""
