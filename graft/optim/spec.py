@@ -2,13 +2,16 @@
 
 A spec names a built-in rule ("adam") or any torch optimizer class, by dotted path
 ("torch.optim.NAdam") or as the class itself. Built-in specs get every keyword filled
-with its default, so a param group records exactly what ran.
+with its default, so a param group records exactly what ran. A class is stored as the
+dotted path it re-imports from, so a state_dict holds strings, not classes, and loads
+with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +47,21 @@ def optimizer_class(name: str | OptimizerClass, where: str) -> OptimizerClass:
     if not (inspect.isclass(found) and issubclass(found, torch.optim.Optimizer)):
         raise ValueError(f"unknown optimizer name {name!r} in {where}; allowed: {ALLOWED_NAMES}")
     return found
+
+
+def import_path(cls: OptimizerClass) -> str | OptimizerClass:
+    """The shortest dotted path that imports `cls` back ("torch.optim.NAdam"), or the class
+    itself where none does (a class defined inside a function)."""
+    module, qualname = cls.__module__, cls.__qualname__
+    if "." in qualname or "<" in qualname:
+        return cls
+    parts = module.split(".")
+    for end in range(1, len(parts) + 1):
+        # Only modules already loaded: the class's own module is, and so are its parents.
+        found = sys.modules.get(".".join(parts[:end]))
+        if found is not None and getattr(found, qualname, None) is cls:
+            return f"{'.'.join(parts[:end])}.{qualname}"
+    return cls
 
 
 def keywords(spec: Mapping[str, Any]) -> set[str] | None:
@@ -92,7 +110,7 @@ def normalize(spec: Any, where: str) -> dict[str, Any]:
         given["lr"] = default.default
     if not isinstance(given["lr"], float | int) or given["lr"] < 0:
         raise ValueError(f"invalid lr={given['lr']!r} for {name!r} in {where}; allowed: lr >= 0")
-    return {"name": name, **given}
+    return {"name": import_path(cls) if inspect.isclass(name) else name, **given}
 
 
 def reject_unknown(given: Mapping[str, Any], allowed: set[str], name: str, where: str) -> None:
