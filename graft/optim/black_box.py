@@ -53,14 +53,14 @@ class BlackBoxStep:
             self.direction.link(graft.state, "direction")
 
         start = [param.detach().clone() for param in params]
-        self.magnitude.optimizer.step()
+        step_unhooked(self.magnitude.optimizer)
         magnitude = measured_norms(params, start)
         if not grafting:
             return StepNorms(params, magnitude, magnitude)
 
         for param, weight in zip(params, start):
             param.copy_(weight)
-        self.direction.optimizer.step()
+        step_unhooked(self.direction.optimizer)
         direction = measured_norms(params, start)
 
         eps_vector = torch.tensor(eps, dtype=magnitude.dtype, device=magnitude.device)
@@ -126,6 +126,16 @@ def inner_optimizer(graft: GraftLike, role: str) -> InnerOptimizer:
         ]
     first_group = {k: v for k, v in groups[0].items() if k != "params"}
     return InnerOptimizer(cls(groups, **first_group), nested=False)
+
+
+def step_unhooked(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.step() without torch's global step hooks, which fire once per Graft.step,
+    for the Graft alone: torch wraps each class's `step` in a function that runs the hooks
+    (marked `hooked`); call the step it wraps."""
+    step = type(optimizer).step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    step(optimizer)
 
 
 def measured_norms(params: list[Tensor], start: list[Tensor]) -> Tensor:
