@@ -33,6 +33,7 @@ class BlackBoxStep:
         self.group_count = len(graft.param_groups)
         self.magnitude = inner_optimizer(graft, "magnitude")
         self.direction = inner_optimizer(graft, "direction") if graft.grafting() else None
+        self.momentum_key = specs.momentum_key(graft.param_groups[0]["magnitude"])
 
     def matches(self, graft: GraftLike) -> bool:
         return graft is self.graft and len(graft.param_groups) == self.group_count
@@ -43,7 +44,10 @@ class BlackBoxStep:
         grafting = graft.grafting()
         params, eps = [], []
         for group, inner_group in zip(graft.param_groups, self.magnitude.optimizer.param_groups):
-            inner_group["lr"] = group["lr"]  # M's lr follows the Graft's (and its scheduler)
+            # M's lr and momentum follow the Graft's (and its scheduler's)
+            inner_group["lr"] = group["lr"]
+            if self.momentum_key in inner_group:
+                inner_group[self.momentum_key] = group["magnitude"][self.momentum_key]
             for param in group["params"]:
                 if param.grad is not None:
                     params.append(param)

@@ -12,6 +12,7 @@ taken over all tensors (granularity "global"). Agarwal, Anil, Hazan, Koren, Zhan
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from graft.optim import spec as specs
 from graft.optim.black_box import BlackBoxStep
 from graft.optim.combine import grafting_ratio
 from graft.optim.compiled import CompiledStep
+from graft.optim.rules import RULES
 from graft.optim.update import StepNorms, apply_update, update_norms
 
 GRANULARITIES = ("tensor", "global")
@@ -31,8 +33,22 @@ GRANULARITIES = ("tensor", "global")
 # stay a few chunks in size whatever the model's size (a larger tensor is its own chunk).
 CHUNK_NUMEL = 1 << 20
 
-# Param-group keys Graft itself reads; any other key is a keyword for the optimizers.
-GROUP_KEYS = ("params", "param_names", "lr", "magnitude", "direction", "eps", "granularity")
+# Param-group keys Graft itself reads; any other key goes to the optimizers that name it
+# as a keyword, else stays in the group as is (a tag such as "name", a scheduler's own).
+GROUP_KEYS = (
+    "params",
+    "param_names",
+    "lr",
+    "magnitude",
+    "direction",
+    "eps",
+    "granularity",
+    "maximize",
+)
+
+# Every built-in rule's keywords: a group key among them that neither M nor D takes is a
+# hyperparameter sent to the wrong optimizer, not a tag, and is refused.
+RULE_KEYWORDS = set().union(*(rule.defaults for rule in RULES.values()))
 
 
 class Graft(torch.optim.Optimizer):
@@ -40,16 +56,26 @@ class Graft(torch.optim.Optimizer):
 
     Args:
         params: parameters or param-group dicts, as for any torch optimizer. A group may
-            set `lr` (M's learning rate), `eps`, any keyword of M or D (e.g.
-            `weight_decay=0.0` for biases: applied to whichever of M and D takes it), or
-            `magnitude={...}` / `direction={...}` to override one of them alone.
+            set `lr` (M's learning rate), `eps`, `maximize`, any keyword of M or D (e.g.
+            `weight_decay=0.0` for biases: applied to whichever of M and D names it), or
+            `magnitude={...}` / `direction={...}` to override one of them alone. Any other
+            key (a tag such as Lightning's "name", a scheduler's "initial_lr") stays in the
+            group as is and reaches neither optimizer; only a built-in rule's keyword that
+            neither M nor D takes is refused (a hyperparameter sent to the wrong optimizer).
+            An optimizer class taking **kwargs gets only the keywords it names from here.
         magnitude: M's spec, e.g. ``{"name": "adam", "lr": 1e-3}``: a built-in rule by
             name (graft.optim.RULES; torch.optim's keywords and defaults), or any other
-            torch optimizer by dotted path or class.
+            torch optimizer by dotted path or class. A class is stored as the dotted path
+            it imports from ("torch.optim.NAdam"), so the state_dict holds no class and
+            loads with `torch.load(weights_only=True)` (a class defined in a function,
+            which no path imports, stays a class).
         direction: D's spec, or None for plain M. D's lr cancels in the normalisation.
             A direction identical to the magnitude (lr included) is plain M.
         granularity: "tensor" (one ratio per tensor) or "global" (one over all tensors).
         eps: added to ‖u_D‖, so u_D = 0 gives a zero step.
+        maximize: both M and D step on -g (torch's `maximize`, for any pair, whether or
+            not an optimizer has a maximize keyword; a spec's own maximize flips its
+            gradient once more).
         black_box: force the black-box path (graft/optim/black_box.py: step each whole
             optimizer, measure, restore), which any torch optimizer takes and built-in
             rules only need as a reference for the eager path.
@@ -59,11 +85,28 @@ class Graft(torch.optim.Optimizer):
             AdamW and AdaGrad on the CPU take hand-written loops (built once per machine),
             the rest torch.compile's graphs. Built-in rules only; where the step cannot be
             compiled, one warning and eager steps.
+        foreach, fused, capturable, differentiable: torch.optim's implementation keywords,
+            taken where they describe Graft's step (foreach None or True, fused None or
+            False, the others False); any other value is a one-line ValueError.
 
     Otherwise built-in rules take the eager path (`_eager_step`: foreach kernels over
     chunks of tensors, no copy of the weights).
 
-    The param groups' `lr` is M's learning rate, so LR schedulers scale the grafted step.
+    Contract with torch:
+    - The param groups' `lr` is M's learning rate, so LR schedulers scale the grafted step.
+    - Likewise a group's `betas` (M in the Adam family, LAMB) or `momentum` (SGD, LARS,
+      RMSprop, AdaGrad) is M's, present when M has one (`momentum_key`): what OneCycleLR
+      and CyclicLR cycle, since M sets the step size they schedule. The group's key is
+      authoritative: each step copies it into ``group["magnitude"]`` first. D's momentum
+      stays as given (``group["direction"]``), on the ground that D only lends its
+      direction; a pair whose D should cycle too writes ``group["direction"]`` itself.
+    - Global step hooks (`torch.optim.optimizer.register_optimizer_step_pre_hook`, post)
+      fire once per step, for the Graft: the black-box path's inner optimizers step
+      without them.
+    - `copy.deepcopy` and pickling keep Graft's own attributes, so a copy steps bit for
+      bit as the original; the black-box inner optimizers and the compiled graphs are
+      rebuilt at its first step (and the inner optimizers after load_state_dict too).
+
     After each step, `last_norms` holds ‖u_M‖ and ‖u_D‖ per tensor, without a host sync.
     """
 
@@ -75,14 +118,23 @@ class Graft(torch.optim.Optimizer):
         granularity: str = "tensor",
         eps: float = 1e-16,
         *,
+        maximize: bool = False,
         black_box: bool = False,
         compile: bool = False,  # noqa: A002 - the name torch users expect
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(
                 f"unknown granularity {granularity!r}; allowed: {', '.join(GRANULARITIES)}"
             )
         check_eps(eps, "Graft")
+        check_maximize(maximize, "Graft")
+        check_torch_keywords(
+            foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable
+        )
         magnitude = specs.normalize(magnitude, "magnitude")
         direction = None if direction is None else specs.normalize(direction, "direction")
         if direction == magnitude:
@@ -111,12 +163,47 @@ class Graft(torch.optim.Optimizer):
             "direction": direction,
             "eps": eps,
             "granularity": granularity,
+            "maximize": maximize,
         }
+        momentum_key = specs.momentum_key(magnitude)
+        if momentum_key is not None:  # M's, as lr is M's: what OneCycleLR and CyclicLR cycle
+            value = momentum_value(momentum_key, specs.keyword_default(magnitude, momentum_key))
+            magnitude[momentum_key] = defaults[momentum_key] = value
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps defaults, state and param_groups; Graft's own attributes come along.
+        # The black-box inner optimizers and the compiled graphs are rebuilt at the next step.
+        return {
+            **super().__getstate__(),
+            "black_box": self.black_box,
+            "last_norms": self.last_norms,
+            "compile": self._compiled is not None,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        compile = state.pop("compile", None)  # None: load_state_dict (state and groups only)
+        super().__setstate__(state)
+        # Rebuilt from the groups as they are now: inner optimizers hold copies of them.
+        self._black_box_step = None
+        if compile is not None:
+            self._compiled = CompiledStep(self.granularity) if compile else None
+        for group in self.param_groups:  # groups saved before these keys existed
+            group.setdefault("maximize", False)
+            key = self.momentum_key
+            if key is not None and key not in group:
+                group[key] = momentum_value(key, specs.keyword_default(group["magnitude"], key))
 
     @property
     def granularity(self) -> str:
         return self.defaults["granularity"]
+
+    @property
+    def momentum_key(self) -> str | None:
+        """The group key that holds M's momentum: "betas" (β1 first) or "momentum" (None:
+        M has neither)."""
+        return next((key for key in specs.MOMENTUM_KEYS if key in self.defaults), None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, folding its overrides into full magnitude and direction specs."""
@@ -132,22 +219,37 @@ class Graft(torch.optim.Optimizer):
         direction = self.defaults["direction"]
         direction = None if direction is None else dict(direction)
 
-        shared = {key: group.pop(key) for key in list(group) if key not in GROUP_KEYS}
-        for key, value in shared.items():
-            takers = [s for s in (magnitude, direction) if s is not None and accepts(s, key)]
-            if not takers:
-                raise ValueError(
-                    f"unknown param-group key {key!r} in {where}; allowed: lr, eps, "
-                    f"magnitude, direction, or a keyword of {magnitude['name']!s}"
-                    + ("" if direction is None else f" or {direction['name']!s}")
+        names = [str(spec["name"]) for spec in (magnitude, direction) if spec is not None]
+        for key in [key for key in group if key not in GROUP_KEYS and key != "name"]:
+            takers = [
+                spec
+                for spec in (magnitude, direction)
+                if spec is not None and key in specs.declared_keywords(spec)
+            ]
+            if not takers and key in RULE_KEYWORDS:  # a hyperparameter no optimizer here takes
+                refusers = (
+                    f"neither {names[0]} nor {names[1]} takes"
+                    if len(names) == 2
+                    else f"{names[0]} does not take"
                 )
+                raise ValueError(
+                    f"unknown param-group key {key!r} in {where}: a hyperparameter {refusers}; "
+                    f"allowed: lr, eps, maximize, magnitude, direction, a keyword of "
+                    f"{' or '.join(names)}, or a key no built-in rule has (kept in the group)"
+                )
+            if not takers:
+                continue  # kept as is: a tag ("name"), a scheduler's "initial_lr", ...
+            value = group.pop(key)
             for taker in takers:
                 taker[key] = value
         for role, base in (("magnitude", magnitude), ("direction", direction)):
             override = group.pop(role, None)
             if not override:
                 continue
-            if base is None or override.get("name", base["name"]) != base["name"]:
+            name = override.get("name", base["name"]) if base is not None else None
+            if inspect.isclass(name):
+                name = specs.import_path(name)  # as the base spec stores it
+            if base is None or name != base["name"]:
                 raise ValueError(
                     f"{role}={dict(override)!r} in {where} changes the optimizer; allowed: "
                     "keyword overrides of the optimizer the Graft was built with"
@@ -162,7 +264,13 @@ class Graft(torch.optim.Optimizer):
         )
         group["eps"] = group.get("eps", self.defaults["eps"])
         check_eps(group["eps"], where)
+        group["maximize"] = group.get("maximize", self.defaults["maximize"])
+        check_maximize(group["maximize"], where)
         group["granularity"] = self.granularity
+        key = self.momentum_key
+        if key is not None:
+            value = momentum_value(key, specs.keyword_default(group["magnitude"], key))
+            group[key] = group["magnitude"][key] = value
         super().add_param_group(group)
 
     def grafting(self) -> bool:
@@ -175,14 +283,35 @@ class Graft(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.black_box:
-            if self._black_box_step is None or not self._black_box_step.matches(self):
-                self._black_box_step = BlackBoxStep(self)
-            self.last_norms = self._black_box_step.step()
-        else:
-            norms = None if self._compiled is None else self._compiled.step(self)
-            self.last_norms = self._eager_step() if norms is None else norms
+        key = self.momentum_key
+        for group in self.param_groups:  # the group's key is M's (a scheduler writes it)
+            if key is not None:
+                group["magnitude"][key] = momentum_value(key, group[key])
+        negated = self._negate_maximized_grads()
+        try:
+            if self.black_box:
+                if self._black_box_step is None or not self._black_box_step.matches(self):
+                    self._black_box_step = BlackBoxStep(self)
+                self.last_norms = self._black_box_step.step()
+            else:
+                norms = None if self._compiled is None else self._compiled.step(self)
+                self.last_norms = self._eager_step() if norms is None else norms
+        finally:
+            for grad in negated:
+                grad.neg_()
         return loss
+
+    def _negate_maximized_grads(self) -> list[Tensor]:
+        """Negate, in place, the gradients of groups that maximize: both M and D then see
+        -g, on every path (negation is exact, and undone after the step)."""
+        negated: dict[int, Tensor] = {}  # by identity: a gradient shared by two tensors once
+        for group in self.param_groups:
+            if not group["maximize"]:
+                continue
+            for param in group["params"]:
+                if param.grad is not None and id(param.grad) not in negated:
+                    negated[id(param.grad)] = param.grad.neg_()
+        return list(negated.values())
 
     def _eager_step(self) -> StepNorms:
         """The eager path: each rule's foreach `step` over chunks, then the grafted update."""
@@ -269,9 +398,31 @@ class Graft(torch.optim.Optimizer):
         return states
 
 
-def accepts(spec: Mapping[str, Any], key: str) -> bool:
-    allowed = specs.keywords(spec)
-    return allowed is None or key in allowed
+def momentum_value(key: str, value: Any) -> Any:
+    """A momentum as the rules take it: betas as a tuple (a scheduler may write a list)."""
+    return tuple(value) if key == "betas" else value
+
+
+def check_maximize(maximize: Any, where: str) -> None:
+    if not isinstance(maximize, bool):
+        raise ValueError(f"invalid maximize={maximize!r} for {where}; allowed: true or false")
+
+
+# torch.optim's implementation keywords: the values that describe Graft's own step, and why
+# the others cannot.
+TORCH_KEYWORDS = {
+    "foreach": ((None, True), "None or True (the eager step is foreach already)"),
+    "fused": ((None, False), "None or False (compile=True fuses the step)"),
+    "capturable": ((False,), "False (step counts are read on the host)"),
+    "differentiable": ((False,), "False (the step is taken without autograd)"),
+}
+
+
+def check_torch_keywords(**given: Any) -> None:
+    for key, value in given.items():
+        allowed, why = TORCH_KEYWORDS[key]
+        if not any(value is option for option in allowed):
+            raise ValueError(f"invalid {key}={value!r} for Graft; allowed: {why}")
 
 
 def check_eps(eps: Any, where: str) -> None:

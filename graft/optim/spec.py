@@ -64,12 +64,23 @@ def import_path(cls: OptimizerClass) -> str | OptimizerClass:
     return cls
 
 
-def keywords(spec: Mapping[str, Any]) -> set[str] | None:
-    """Keywords the spec's optimizer accepts (None: any, the class takes **kwargs)."""
+def declared_keywords(spec: Mapping[str, Any]) -> set[str]:
+    """Keywords the spec's optimizer names (a class's **kwargs names none)."""
     rule = rule_of(spec)
     if rule is not None:
         return set(rule.defaults)
-    return class_keywords(optimizer_class(spec["name"], "spec"))
+    return set(class_defaults(optimizer_class(spec["name"], "spec")))
+
+
+def keyword_default(spec: Mapping[str, Any], key: str) -> Any:
+    """The value the spec's optimizer runs `key` at: the spec's, else its default (None:
+    neither)."""
+    if key in spec:
+        return spec[key]
+    rule = rule_of(spec)
+    if rule is not None:
+        return rule.defaults.get(key)
+    return class_defaults(optimizer_class(spec["name"], "spec")).get(key)
 
 
 def class_keywords(cls: OptimizerClass) -> set[str] | None:
@@ -77,6 +88,17 @@ def class_keywords(cls: OptimizerClass) -> set[str] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
     return {p.name for p in parameters if p.name != "params"}
+
+
+def class_defaults(cls: OptimizerClass) -> dict[str, Any]:
+    """The class's named keywords and their defaults (None where it has none)."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return {
+        p.name: None if p.default is inspect.Parameter.empty else p.default
+        for p in parameters
+        if p.name != "params"
+        and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
 
 
 def normalize(spec: Any, where: str) -> dict[str, Any]:
@@ -120,3 +142,22 @@ def reject_unknown(given: Mapping[str, Any], allowed: set[str], name: str, where
             f"unknown keyword {unknown[0]!r} for '{name}' in {where}; "
             f"allowed: {', '.join(sorted(allowed))}"
         )
+
+
+# The keys torch's momentum-cycling schedulers (OneCycleLR, CyclicLR) write, in the order
+# they look for them: "betas" (β1 is its first entry) or "momentum".
+MOMENTUM_KEYS = ("betas", "momentum")
+
+
+def momentum_key(spec: Mapping[str, Any]) -> str | None:
+    """Which of MOMENTUM_KEYS the spec's optimizer takes (None: neither)."""
+    declared = declared_keywords(spec)
+    for key in MOMENTUM_KEYS:
+        if key not in declared and key not in spec:
+            continue
+        value = keyword_default(spec, key)
+        if key == "betas" and isinstance(value, tuple | list) and value:
+            value = value[0]
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            return key
+    return None
