@@ -19,13 +19,19 @@ from graft.optim import spec as specs
 from graft.optim.combine import GraftLike, grafting_ratio
 from graft.optim.update import StepNorms
 
+# The Graft's param-group key under which the inner optimizers' own groups are kept, by role:
+# some optimizers keep state there (a step count, an adapted scale), not per tensor.
+INNER_GROUPS = "inner_groups"
+
 
 class BlackBoxStep:
     """Two whole optimizers (M and D) over a Graft's param groups, sharing its state.
 
     Each inner optimizer keeps its per-tensor state in the Graft's own state dict
-    (``graft.state[p]["magnitude"]`` / ``["direction"]``), so state_dict and
-    load_state_dict of the Graft cover them.
+    (``graft.state[p]["magnitude"]`` / ``["direction"]``), what it keeps in its param
+    groups (pytorch-optimizer's step counts, Prodigy's d) in the Graft's groups under
+    INNER_GROUPS, and state under keys that are not tensors (MADGRAD's "k") as the Graft's
+    ``state["magnitude/k"]``: state_dict, load_state_dict and copies of the Graft cover all.
     """
 
     def __init__(self, graft: GraftLike) -> None:
@@ -60,6 +66,7 @@ class BlackBoxStep:
         step_unhooked(self.magnitude.optimizer)
         magnitude = measured_norms(params, start)
         if not grafting:
+            self.save_inner_state()
             return StepNorms(params, magnitude, magnitude)
 
         for param, weight in zip(params, start):
@@ -76,7 +83,21 @@ class BlackBoxStep:
             )
         for param, weight, scale in zip(params, start, scales.unbind()):
             param.sub_(weight).mul_(scale).add_(weight)  # w + s·u_D, with u_D = w' - w
+        self.save_inner_state()
         return StepNorms(params, magnitude, direction)
+
+    def save_inner_state(self) -> None:
+        """Copy into the Graft what its inner optimizers keep outside the per-tensor state:
+        their param groups (all but the tensors) and their state under other keys."""
+        for role, inner in (("magnitude", self.magnitude), ("direction", self.direction)):
+            if inner is None or inner.nested:
+                continue
+            for group, inner_group in zip(self.graft.param_groups, inner.optimizer.param_groups):
+                saved = group.setdefault(INNER_GROUPS, {})
+                saved[role] = {k: v for k, v in inner_group.items() if k != "params"}
+            for key, value in inner.optimizer.state.items():
+                if not isinstance(key, Tensor):
+                    self.graft.state[f"{role}/{key}"] = value
 
 
 class InnerOptimizer:
@@ -103,6 +124,11 @@ class InnerOptimizer:
                 if role not in slot:
                     slot[role] = inner_state.get(param, {})
                 inner_state[param] = slot[role]
+        if not self.nested:  # state under other keys, as save_inner_state keeps it
+            prefix = f"{role}/"
+            for key, value in graft_state.items():
+                if isinstance(key, str) and key.startswith(prefix):
+                    inner_state[key.removeprefix(prefix)] = value
 
 
 def inner_optimizer(graft: GraftLike, role: str) -> InnerOptimizer:
@@ -129,7 +155,10 @@ def inner_optimizer(graft: GraftLike, role: str) -> InnerOptimizer:
             {k: v for k, v in group.items() if k == "params" or k in accepted} for group in groups
         ]
     first_group = {k: v for k, v in groups[0].items() if k != "params"}
-    return InnerOptimizer(cls(groups, **first_group), nested=False)
+    optimizer = cls(groups, **first_group)
+    for group, inner_group in zip(graft_groups, optimizer.param_groups):
+        inner_group.update(group.get(INNER_GROUPS, {}).get(role, {}))  # as they were saved
+    return InnerOptimizer(optimizer, nested=False)
 
 
 def step_unhooked(optimizer: torch.optim.Optimizer) -> None:

@@ -44,6 +44,7 @@ GROUP_KEYS = (
     "eps",
     "granularity",
     "maximize",
+    "inner_groups",  # the black-box path's inner optimizers' groups (black_box.INNER_GROUPS)
 )
 
 # Every built-in rule's keywords: a group key among them that neither M nor D takes is a
