@@ -122,6 +122,12 @@ def normalize(spec: Any, where: str) -> dict[str, Any]:
         return {"name": name, **hyper}
 
     cls = optimizer_class(name, where)
+    if needs_closure(cls):
+        raise ValueError(
+            f"{where} optimizer {cls.__name__} steps only with a closure that re-evaluates the "
+            "loss at weights of its choosing; allowed: an optimizer whose step() takes the "
+            "gradient as given (Graft measures M and D on one gradient)"
+        )
     allowed = class_keywords(cls)
     if allowed is not None:
         reject_unknown(given, allowed, getattr(cls, "__name__", str(name)), where)
@@ -133,6 +139,12 @@ def normalize(spec: Any, where: str) -> dict[str, Any]:
     if not isinstance(given["lr"], float | int) or given["lr"] < 0:
         raise ValueError(f"invalid lr={given['lr']!r} for {name!r} in {where}; allowed: lr >= 0")
     return {"name": import_path(cls) if inspect.isclass(name) else name, **given}
+
+
+def needs_closure(cls: OptimizerClass) -> bool:
+    """Whether the class's step requires a closure (torch.optim.LBFGS: `step(self, closure)`)."""
+    closure = inspect.signature(cls.step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def reject_unknown(given: Mapping[str, Any], allowed: set[str], name: str, where: str) -> None:
