@@ -1,11 +1,13 @@
 """The black-box path: graft any two torch optimizers by stepping each and measuring.
 
-For each step: save the weights w, let M step and measure u_M = w' - w, restore w, let
-D step and measure u_D, then set w ← w + ‖u_M‖/(‖u_D‖ + eps) · u_D. Correct for any
-optimizer (it only sees what the optimizer did), at the price of a copy of the weights
-and two full optimizer steps; Graft takes it for optimizers that are not built-in rules
-(or when asked: `Graft(..., black_box=True)`), and the tests use it as the reference for
-the eager path.
+For each step: save the weights w (and, when grafting, the gradients), let M step and
+measure u_M = w' - w, restore w (and the gradients), let D step and measure u_D, then set
+w ← w + ‖u_M‖/(‖u_D‖ + eps) · u_D. Correct for any optimizer (it only sees what the
+optimizer did), at the price of a copy of the weights (and of the gradients when grafting)
+and two full optimizer steps; Graft takes it for optimizers that are not built-in rules (or
+when asked: `Graft(..., black_box=True)`), and the tests use it as the reference for the
+eager path. The steps are measured in the weights' dtype: an element's step below half its
+weight's ulp is lost (docs/graft_api.md, "Precision of the black-box path").
 """
 
 from __future__ import annotations
@@ -63,14 +65,19 @@ class BlackBoxStep:
             self.direction.link(graft.state, "direction")
 
         start = [param.detach().clone() for param in params]
+        # D sees the gradient M saw, though M's step may rewrite it in place (Ranger's
+        # gradient centralisation, GrokFast's filter, a weight decay added to it).
+        grads = [param.grad.clone() for param in params] if grafting else []
         step_unhooked(self.magnitude.optimizer)
         magnitude = measured_norms(params, start)
         if not grafting:
             self.save_inner_state()
             return StepNorms(params, magnitude, magnitude)
 
-        for param, weight in zip(params, start):
+        for param, weight, grad in zip(params, start, grads):
             param.copy_(weight)
+            param.grad.copy_(grad)
+        del grads
         step_unhooked(self.direction.optimizer)
         direction = measured_norms(params, start)
 
