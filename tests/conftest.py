@@ -8,13 +8,28 @@ tests/refusals.py (a user mistake refused in one line, with nothing written).
 Markers (registered in pyproject.toml): `slow` for tests that take seconds, `distributed` for
 those that start several processes, `compile` for those that compile a step. Every
 `distributed` or `compile` test is also `slow`, so `pytest -m "not slow"` is the quick loop.
+
+Under pytest-xdist (pyproject's `-n auto`) each worker gets its share of the cores for torch
+and for the processes its tests start: torch's default, every core in every worker, would
+oversubscribe them.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 IMPLY_SLOW = ("distributed", "compile")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

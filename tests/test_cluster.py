@@ -515,7 +515,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_killing_torchrun_stops_its_workers_within_seconds(tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "graft.train", *TINY, *RUN, "trainer.max_steps=100000"]
     command += ["trainer.batch_size=8", "trainer.eval_every=0", f"hydra.run.dir={run_dir}"]
     with open(tmp_path / "torchrun.out", "w") as log:

@@ -29,7 +29,8 @@ EXACT = ["task.model.norm=group", "trainer.dtype=float64", "trainer.eval_every=0
 
 
 def torchrun(run_dir: Path, *overrides: str, processes: int = 2) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command.append(f"--nproc_per_node={processes}")
     command += ["-m", "graft.train", *QUIET, *overrides, f"hydra.run.dir={run_dir}"]
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run_dir.parent
