@@ -24,10 +24,22 @@ import torch
 IMPLY_SLOW = ("distributed", "compile")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core this process may run on (a container's or taskset's
+    share), where xdist's own count, from psutil, is the host's physical cores."""
+    return usable_cores()
+
+
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def pytest_configure(config: pytest.Config) -> None:
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        threads = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+        threads = str(max(1, usable_cores() // int(workers)))
         os.environ.setdefault("OMP_NUM_THREADS", threads)
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

@@ -2,8 +2,8 @@
 the grafting formula itself.
 
 - Every scheduler in `torch.optim.lr_scheduler` (one that a newer torch adds is named in a
-  skip, to be added here): plain M under it steps as its torch.optim namesake does, and a grafted pair's
-  step has the norm of M's step under the same schedule.
+  skip, to be added here): plain M under it steps as its torch.optim namesake does, and a
+  grafted pair's step has the norm of M's step under the same schedule.
 - Optimizers from a maintained zoo (`pytorch-optimizer`) and torch's own that are not built-in
   rules, on the black-box path: plain M is the optimizer alone bit for bit, also across a
   state_dict round trip; M#D, with the zoo optimizer as M or as D, equals the black-box
