@@ -214,10 +214,8 @@ def scales_note(d: str, scales: list[float]) -> str:
     if not others:
         return ""
     factors = ", ".join(f"{scale:g}" for scale in others)
-    return (
-        f"; {d}+static-xS trains with every multiplier times S ({factors}: "
-        f"{'`, `'.join(multipliers_file(scale) for scale in others).join('``')})"
-    )
+    files = ", ".join(f"`{multipliers_file(scale)}`" for scale in others)
+    return f"; {d}+static-xS trains with every multiplier times S ({factors}: {files})"
 
 
 def unfinished_static(experiment: Experiment, arms: dict[str, Runs]) -> str:
