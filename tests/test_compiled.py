@@ -508,12 +508,12 @@ def test_a_missing_cpp_compiler_falls_back_to_eager():
     assert optimizer._compiled.failed is not None and optimizer._compiled.steps == 0
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_torch_compile_of_the_step_works_as_for_torch_optimizers(compile):
+def test_torch_compile_of_a_compiled_step_works_as_for_torch_optimizers():
+    """torch.compile(opt.step) of the eager path: tests/test_torch_compile_step.py."""
     model = make_model()
     reference = train(model, grafted(model, compile=False), 4)
     model = make_model()
-    optimizer = grafted(model, compile=compile)
+    optimizer = grafted(model, compile=True)
     step = torch.compile(optimizer.step)
     trajectory = []
     for index in range(4):

@@ -25,6 +25,7 @@ from graft.optim.black_box import BlackBoxStep
 from graft.optim.combine import grafting_ratio
 from graft.optim.compiled import CompiledStep
 from graft.optim.rules import RULES
+from graft.optim.rules.base import traced_lr
 from graft.optim.update import StepNorms, apply_update, update_norms
 
 GRANULARITIES = ("tensor", "global")
@@ -324,7 +325,7 @@ class Graft(torch.optim.Optimizer):
 
         for group in self.param_groups:
             magnitude_rule = specs.rule_of(group["magnitude"])
-            magnitude_hyper = {**group["magnitude"], "lr": group["lr"]}
+            magnitude_hyper = {**group["magnitude"], "lr": traced_lr(group["lr"])}
             if grafting:
                 direction_rule = specs.rule_of(group["direction"])
                 direction_hyper = group["direction"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-Coeffs = float | list[float] | list[Tensor]
+Coeffs = float | Tensor | list[float] | list[Tensor]
 
 
 @dataclass
@@ -22,8 +22,9 @@ class Update:
 
     tensors: one per parameter, same shape and dtype as the parameter; read only, since
         they may be optimizer state itself (SGD hands back its momentum buffer).
-    coeffs: one python float for all, a float per tensor, or a 0-d fp32 tensor per
-        tensor (when the coefficient is itself computed on the device, e.g. a trust ratio).
+    coeffs: one python float for all, a float per tensor, or a 0-d tensor per tensor
+        (when the coefficient is itself computed on the device, e.g. a trust ratio). Under
+        torch.compile also one 0-d tensor for all (rules/base.py: `traced_lr`).
     """
 
     tensors: list[Tensor]
@@ -47,7 +48,7 @@ def update_norms(update: Update) -> Tensor:
     """
     norms = _norm_list(update.tensors)
     coeffs = update.coeffs
-    if isinstance(coeffs, float | int):
+    if isinstance(coeffs, float | int | Tensor):
         torch._foreach_mul_(norms, abs(coeffs))
     elif coeffs and isinstance(coeffs[0], Tensor):
         torch._foreach_mul_(norms, torch._foreach_abs(coeffs))
@@ -62,6 +63,8 @@ def apply_update(params: list[Tensor], update: Update, scales: list[Tensor] | No
     scales: 0-d fp32 tensors (Graft's ‖u_M‖ / ‖u_D‖ ratios), or None for the bare update.
     """
     coeffs = update.coeffs
+    if isinstance(coeffs, Tensor):
+        coeffs = [coeffs] * len(params)
     if scales is None:
         if isinstance(coeffs, float | int):
             torch._foreach_add_(params, update.tensors, alpha=coeffs)

@@ -14,9 +14,11 @@ from graft.optim.rules.base import (
     Hyper,
     Rule,
     Variant,
+    add_scaled_,
     effective_grad,
     effective_grads,
     new_step_count,
+    sqrt,
     step_counts,
     zeros,
 )
@@ -136,7 +138,7 @@ class Adam(Rule):
 
         if hyper["amsgrad"]:
             exp_avg_sqs = [state["max_exp_avg_sq"] for state in states]
-        correction2 = [math.sqrt(1 - beta2**step) for step in steps]
+        correction2 = [sqrt(1 - beta2**step) for step in steps]
         denominators = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denominators, [eps * c for c in correction2])
         directions = torch._foreach_div(exp_avgs, denominators)
@@ -145,7 +147,7 @@ class Adam(Rule):
 
         if decoupled and weight_decay != 0:
             torch._foreach_mul_(directions, coeffs)
-            torch._foreach_add_(directions, params, alpha=-lr * weight_decay)
+            add_scaled_(directions, params, -lr * weight_decay)
             return Update(directions, 1.0)
         return Update(directions, coeffs)
 

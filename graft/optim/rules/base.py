@@ -13,6 +13,7 @@ are computed on the host in double precision (`scalars`), as the foreach form do
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -148,12 +149,46 @@ class Rule:
         raise NotImplementedError
 
 
-def step_counts(states: list[dict[str, Tensor]], advance: bool) -> list[float]:
-    """Each tensor's step count (after incrementing it, when advancing)."""
+Count = float | Tensor  # a step count, or a coefficient computed from one
+
+
+def step_counts(states: list[dict[str, Tensor]], advance: bool) -> list[Count]:
+    """Each tensor's step count (after incrementing it, when advancing).
+
+    Floats read on the host, so the coefficients computed from them are python doubles.
+    Under torch.compile (a caller's `torch.compile(opt.step)`), 0-d fp64 tensors instead:
+    Dynamo then traces the same double-precision arithmetic into the graph, where
+    `.item()` would break it (torch.optim's own steps do the same when compiling).
+    """
     steps = [state["step"] for state in states]
     if advance:
         torch._foreach_add_(steps, 1)
+    if torch.compiler.is_compiling():
+        return [step.to(torch.float64) for step in steps]
     return [step.item() for step in steps]
+
+
+def traced_lr(lr: float) -> Count:
+    """The lr a rule computes with: the float itself, or under torch.compile a 0-d fp64
+    tensor made from it by tensor arithmetic. Dynamo bakes a float handed to a foreach
+    op into the graph, so a scheduler's next lr would recompile the step (as
+    torch.optim.SGD's does); a tensor's value is an input of the graph instead."""
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=torch.float64) * lr
+    return lr
+
+
+def add_scaled_(targets: list[Tensor], tensors: list[Tensor], alpha: Count) -> None:
+    """targets[i] += alpha · tensors[i], in place, for a float or a traced (0-d) alpha."""
+    if isinstance(alpha, Tensor):
+        torch._foreach_add_(targets, torch._foreach_mul(tensors, alpha))
+    else:
+        torch._foreach_add_(targets, tensors, alpha=alpha)
+
+
+def sqrt(value: Count) -> Count:
+    """√value of a host float or of a traced count (see `step_counts`)."""
+    return value.sqrt() if isinstance(value, Tensor) else math.sqrt(value)
 
 
 def effective_grad(param: Tensor, grad: Tensor, s: dict[str, Tensor], maximize: bool, decay: bool):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -17,6 +15,7 @@ from graft.optim.rules.base import (
     Variant,
     new_step_count,
     norm,
+    sqrt,
     step_counts,
     trust_ratios,
     zeros,
@@ -106,7 +105,7 @@ class LAMB(Rule):
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
-        correction2 = [math.sqrt(1 - beta2**step) for step in steps]
+        correction2 = [sqrt(1 - beta2**step) for step in steps]
         denominators = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denominators, [eps * c for c in correction2])
         ratios = torch._foreach_div(exp_avgs, denominators)
