@@ -445,9 +445,9 @@ def test_lightning_resumes_a_checkpoint_bit_for_bit(specs, tmp_path):
 
 
 @pytest.mark.slow
-def test_lightning_lr_monitor_logs_named_groups_and_m_momentum():
-    """LearningRateMonitor reads each group's "name" and, with log_momentum, M's β1 (the
-    betas OneCycleLR cycles)."""
+def test_lightning_lr_monitor_logs_named_groups_m_momentum_and_weight_decay():
+    """LearningRateMonitor reads each group's "name"; with log_momentum, M's β1 (the betas
+    OneCycleLR cycles); with log_weight_decay, the pair's weight decay."""
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import Logger
 
@@ -465,7 +465,7 @@ def test_lightning_lr_monitor_logs_named_groups_and_m_momentum():
         body, head = module.net[0], module.net[2]
         groups = [
             {"params": body.parameters(), "name": "body"},
-            {"params": head.parameters(), "name": "head", "lr": 2e-2},
+            {"params": head.parameters(), "name": "head", "lr": 2e-2, "weight_decay": 0.1},
         ]
         optimizer = Graft(groups, *ADAM_SGD)
         scheduler = lr_scheduler.OneCycleLR(optimizer, max_lr=[0.05, 0.1], total_steps=8)
@@ -475,7 +475,7 @@ def test_lightning_lr_monitor_logs_named_groups_and_m_momentum():
         }
 
     recorder = Recorder()
-    monitor = LearningRateMonitor(logging_interval="step", log_momentum=True)
+    monitor = LearningRateMonitor(logging_interval="step", log_momentum=True, log_weight_decay=True)
     run = trainer(max_epochs=2, logger=recorder, callbacks=[monitor], log_every_n_steps=1)
     run.fit(lightning_module(make), regression_data())
     lrs = [entry for entry in recorder.logged if "lr-Graft/body" in entry]
@@ -484,6 +484,8 @@ def test_lightning_lr_monitor_logs_named_groups_and_m_momentum():
     assert len({entry["lr-Graft/head"] for entry in lrs}) > 2  # the schedule's values
     momenta = [entry["lr-Graft/body-momentum"] for entry in lrs]
     assert max(momenta) == 0.95 and min(momenta) < 0.9  # OneCycleLR's defaults cycle β1
+    assert {entry["lr-Graft/head-weight_decay"] for entry in lrs} == {0.1}
+    assert {entry["lr-Graft/body-weight_decay"] for entry in lrs} == {0.0}
 
 
 def hand_loop(specs, clip: float, accumulate: int, epochs: int = 2) -> list[torch.Tensor]:

@@ -4,7 +4,8 @@ Checked against torch.optim.Adam / SGD in the same situations: momentum-cycling 
 (OneCycleLR, CyclicLR: they cycle M's momentum or β1), deepcopy and pickling (a copy steps
 bit for bit as the original), param-group keys Graft does not know (kept, as torch keeps
 them), specs given as classes (a state_dict that `torch.load(weights_only=True)` reads),
-the global step hooks (once per step, on every path), and torch's constructor keywords
+the global step hooks (once per step, on every path), a group's weight_decay (the pair's,
+read and written as torch's), and torch's constructor keywords
 (`maximize` flips the gradient both optimizers see; the others' one-line refusals).
 """
 
@@ -219,6 +220,75 @@ def test_a_scheduler_resumes_from_initial_lr_given_in_the_group():
             seen.append(optimizer.param_groups[0]["lr"])
         lrs.append(seen)
     assert lrs[0] == lrs[1]
+
+
+def decay_scheduled(model, optimizer, steps: int = STEPS) -> list[torch.Tensor]:
+    """Train while writing each group's weight_decay before every step but the first, as
+    DINO's and MAE's weight-decay schedules do."""
+
+    def before_next(step: int) -> None:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = 0.05 * (step + 2)
+
+    return train(model, optimizer, steps, after_step=before_next)
+
+
+@pytest.mark.parametrize("black_box", [False, True])
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_a_weight_decay_schedule_steps_plain_m_as_torch(name, black_box):
+    dtype = torch.float64
+    spec = {**SPECS[name], "weight_decay": 0.05}
+    model = make_model(dtype)
+    reference = decay_scheduled(model, torch_twin(model.parameters(), spec))
+    model = make_model(dtype)
+    optimizer = Graft(model.parameters(), spec, black_box=black_box)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05
+    trajectory = decay_scheduled(model, optimizer)
+    assert_trajectories_close(trajectory, reference, dtype, start=flat(make_model(dtype)))
+    model = make_model(dtype)
+    constant = train(model, Graft(model.parameters(), spec, black_box=black_box), STEPS)
+    assert not torch.allclose(constant[-1], trajectory[-1], rtol=1e-9)  # the schedule acted
+
+
+@pytest.mark.parametrize("path", paths())
+def test_a_groups_weight_decay_is_the_pairs_and_sets_both(path):
+    """The key a group was made with reads back from it; a value written there later
+    steps as a group made with that value, on every path."""
+    runs = []
+    for written in (None, 0.2):
+        model = make_model()
+        groups = [{"params": model.parameters(), "weight_decay": 0.2 if written is None else 0.01}]
+        optimizer = Graft(groups, **PATHS[path])
+        group = optimizer.param_groups[0]
+        assert group["weight_decay"] == (0.2 if written is None else 0.01)
+        if written is not None:
+            group["weight_decay"] = written
+        runs.append(train(model, optimizer, 3))
+        assert group["magnitude"]["weight_decay"] == group["direction"]["weight_decay"] == 0.2
+    assert_trajectories_close(runs[1], runs[0], torch.float32)
+
+
+def test_a_group_has_a_weight_decay_only_where_m_and_d_run_one():
+    params = make_model().parameters
+    apart = Graft(params(), {**SPECS["adam"], "weight_decay": 0.1}, SPECS["sgd"])
+    assert "weight_decay" not in apart.param_groups[0]  # SGD's is 0: no one value to show
+    lone = Graft(params(), {**SPECS["adam"], "weight_decay": 0.1}, {"name": "torch.optim.Rprop"})
+    assert lone.param_groups[0]["weight_decay"] == 0.1  # Rprop takes none
+    assert "weight_decay" not in lone.param_groups[0]["direction"]
+    overridden = Graft(
+        [{"params": params(), "direction": {"weight_decay": 0.3}}],
+        {**SPECS["adam"], "weight_decay": 0.3},
+        SPECS["sgd"],
+    )
+    assert overridden.param_groups[0]["weight_decay"] == 0.3
+
+    restored = Graft(
+        params(), {**SPECS["adam"], "weight_decay": 0.1}, {"name": "torch.optim.Rprop"}
+    )
+    state = lone.state_dict()
+    state["param_groups"][0].pop("weight_decay")  # saved before groups showed it
+    restored.load_state_dict(state)
+    assert restored.param_groups[0]["weight_decay"] == 0.1
 
 
 def test_a_class_spec_is_stored_as_a_path_that_loads_with_weights_only():

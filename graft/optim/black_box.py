@@ -51,11 +51,13 @@ class BlackBoxStep:
         graft = self.graft
         grafting = graft.grafting()
         params, eps = [], []
-        for group, inner_group in zip(graft.param_groups, self.magnitude.optimizer.param_groups):
-            # M's lr and momentum follow the Graft's (and its scheduler's)
+        for index, group in enumerate(graft.param_groups):
+            # M's lr and momentum and both weight decays follow the Graft's (its schedulers')
+            inner_group = self.magnitude.optimizer.param_groups[index]
             inner_group["lr"] = group["lr"]
-            if self.momentum_key in inner_group:
-                inner_group[self.momentum_key] = group["magnitude"][self.momentum_key]
+            follow(inner_group, group["magnitude"], (self.momentum_key, "weight_decay"))
+            if grafting:
+                follow(self.direction.optimizer.param_groups[index], group["direction"])
             for param in group["params"]:
                 if param.grad is not None:
                     params.append(param)
@@ -166,6 +168,17 @@ def inner_optimizer(graft: GraftLike, role: str) -> InnerOptimizer:
     for group, inner_group in zip(graft_groups, optimizer.param_groups):
         inner_group.update(group.get(INNER_GROUPS, {}).get(role, {}))  # as they were saved
     return InnerOptimizer(optimizer, nested=False)
+
+
+def follow(
+    inner_group: dict[str, Any],
+    spec: dict[str, Any],
+    keys: tuple[str | None, ...] = ("weight_decay",),
+) -> None:
+    """Copy the spec's values of `keys` into an inner optimizer's group that has them."""
+    for key in keys:
+        if key in inner_group and key in spec:
+            inner_group[key] = spec[key]
 
 
 def step_unhooked(optimizer: torch.optim.Optimizer) -> None:

@@ -102,6 +102,11 @@ class Graft(torch.optim.Optimizer):
       authoritative: each step copies it into ``group["magnitude"]`` first. D's momentum
       stays as given (``group["direction"]``), on the ground that D only lends its
       direction; a pair whose D should cycle too writes ``group["direction"]`` itself.
+    - A group's `weight_decay` is the value M and D (whichever take one) run at, present
+      when they run one value: what LearningRateMonitor(log_weight_decay=True) logs and a
+      weight-decay schedule writes. Each step copies it into every spec that takes it, as
+      a `weight_decay` given when the group is made goes to each. Where M's and D's differ
+      (set apart through ``magnitude={...}`` / ``direction={...}``) the group has none.
     - Global step hooks (`torch.optim.optimizer.register_optimizer_step_pre_hook`, post)
       fire once per step, for the Graft: the black-box path's inner optimizers step
       without them.
@@ -196,6 +201,8 @@ class Graft(torch.optim.Optimizer):
             key = self.momentum_key
             if key is not None and key not in group:
                 group[key] = momentum_value(key, specs.keyword_default(group["magnitude"], key))
+            if WEIGHT_DECAY not in group:
+                share_weight_decay(group)
 
     @property
     def granularity(self) -> str:
@@ -273,6 +280,11 @@ class Graft(torch.optim.Optimizer):
         if key is not None:
             value = momentum_value(key, specs.keyword_default(group["magnitude"], key))
             group[key] = group["magnitude"][key] = value
+        for spec in (group["magnitude"], group["direction"]):
+            if spec is not None and specs.takes_number(spec, WEIGHT_DECAY):
+                # Explicit, so that the spec holding the key is what takes the group's value.
+                spec[WEIGHT_DECAY] = specs.keyword_default(spec, WEIGHT_DECAY)
+        share_weight_decay(group)
         super().add_param_group(group)
 
     def grafting(self) -> bool:
@@ -286,9 +298,12 @@ class Graft(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         key = self.momentum_key
-        for group in self.param_groups:  # the group's key is M's (a scheduler writes it)
+        for group in self.param_groups:  # the group's keys are authoritative (schedulers write)
             if key is not None:
                 group["magnitude"][key] = momentum_value(key, group[key])
+            if WEIGHT_DECAY in group:
+                for spec in weight_decay_takers(group):
+                    spec[WEIGHT_DECAY] = group[WEIGHT_DECAY]
         negated = self._negate_maximized_grads()
         try:
             if self.black_box:
@@ -398,6 +413,28 @@ class Graft(torch.optim.Optimizer):
                 state.update(rule.init_state(param, hyper))
             states.append(state)
         return states
+
+
+WEIGHT_DECAY = "weight_decay"
+
+
+def weight_decay_takers(group: dict[str, Any]) -> list[dict[str, Any]]:
+    """The group's specs that take a weight decay (each names it: `add_param_group`)."""
+    return [
+        spec
+        for spec in (group["magnitude"], group["direction"])
+        if spec is not None and WEIGHT_DECAY in spec
+    ]
+
+
+def share_weight_decay(group: dict[str, Any]) -> None:
+    """Set group["weight_decay"] to the one value M and D run (those that take one), as
+    torch tools read it; absent where the two differ, or neither takes one."""
+    values = {spec[WEIGHT_DECAY] for spec in weight_decay_takers(group)}
+    if len(values) == 1:
+        group[WEIGHT_DECAY] = values.pop()
+    else:
+        group.pop(WEIGHT_DECAY, None)
 
 
 def momentum_value(key: str, value: Any) -> Any:

@@ -163,13 +163,14 @@ MOMENTUM_KEYS = ("betas", "momentum")
 
 def momentum_key(spec: Mapping[str, Any]) -> str | None:
     """Which of MOMENTUM_KEYS the spec's optimizer takes (None: neither)."""
-    declared = declared_keywords(spec)
-    for key in MOMENTUM_KEYS:
-        if key not in declared and key not in spec:
-            continue
-        value = keyword_default(spec, key)
-        if key == "betas" and isinstance(value, tuple | list) and value:
-            value = value[0]
-        if isinstance(value, float | int) and not isinstance(value, bool):
-            return key
-    return None
+    return next((key for key in MOMENTUM_KEYS if takes_number(spec, key)), None)
+
+
+def takes_number(spec: Mapping[str, Any], key: str) -> bool:
+    """Whether the spec's optimizer takes `key` and runs it at a number (β1, for betas)."""
+    if key not in spec and key not in declared_keywords(spec):
+        return False
+    value = keyword_default(spec, key)
+    if key == "betas" and isinstance(value, tuple | list) and value:
+        value = value[0]
+    return isinstance(value, float | int) and not isinstance(value, bool)
