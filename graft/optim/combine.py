@@ -8,9 +8,12 @@ all tensors; none writes the formula itself.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from graft.optim.update import StepNorms
 
 Norm = TypeVar("Norm", Tensor, float)
 
@@ -28,7 +31,8 @@ def grafting_ratio(magnitude: Norm, direction: Norm, eps: Any) -> Norm:
 class GraftLike(Protocol):
     """The optimizer as the compiled and black-box steps read it (graft.Graft is one): its
     param groups (M's lr, both specs, eps), its per-tensor state (under "magnitude" and
-    "direction"), its granularity, and whether a direction is grafted on."""
+    "direction"), its granularity, whether a direction is grafted on, and its eager step
+    (which the whole-step graph traces)."""
 
     param_groups: list[dict[str, Any]]
     state: Any  # per tensor: {"magnitude": {...}, "direction": {...}}
@@ -37,3 +41,5 @@ class GraftLike(Protocol):
     def granularity(self) -> str: ...
 
     def grafting(self) -> bool: ...
+
+    def _eager_step(self) -> StepNorms: ...

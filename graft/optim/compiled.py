@@ -13,8 +13,16 @@ to):
   AdaGrad in float32/float64, built once per machine. They store the advanced states in
   the loop that sums the norms and compute each update once: a grafted step at the cost
   of torch's single-kernel (`fused=True`) M and D together.
-- **graph**: every other tensor (other rules, 16-bit dtypes, GPUs) takes a graph
+- **graph**: every other CPU tensor (other rules, 16-bit dtypes) takes a graph
   torch.compile (inductor) makes of the rules' `pointwise` form, one call per tensor.
+- **whole step**: a Graft whose tensors are all on a GPU takes one graph for its whole
+  step: torch.compile of the eager foreach step itself (Graft._eager_step), as torch's
+  compiled optimizers do. Inductor fuses each foreach op across tensors (horizontally) and
+  the chain of ops per tensor (vertically), so a step is a handful of kernel launches
+  whatever the number of tensors, where a graph per tensor is launches per tensor (161 for
+  a ResNet-50). Under compilation the eager rules keep step counts and M's lr as 0-d fp64
+  tensors (graft/optim/rules/base.py: `step_counts`, `traced_lr`), so neither a step nor
+  a scheduler's lr recompiles it.
 
 Both scale D's update by `grafting_ratio` (graft/optim/combine.py), in the graph or, for
 the native loops, from the norms they return. The per-tensor data both paths take is in
@@ -54,6 +62,9 @@ BACKEND = "inductor"
 # Step the tensors the hand-written CPU loops take (graft/optim/native) with them; off,
 # every tensor goes through inductor's graphs (tests of the graphs turn it off).
 NATIVE = True
+# The device types whose tensors take the whole-step graph (tests add "cpu": inductor's C++
+# backend compiles the same graph).
+WHOLE_STEP_DEVICES = ("cuda",)
 # Graphs per compiled function per optimizer: flags × dtypes × numel-1 tensors, with room.
 RECOMPILE_LIMIT = 64
 # Recompute an update in the weight's loop rather than store it for the norm's loop and read
@@ -105,6 +116,11 @@ def apply_pass(param, grad, d_state, d_packed, direction, scale):
     """Global granularity, second pass: D's update again, from its advanced state, scaled."""
     tensor, coeff = side_update(param, grad, d_state, d_packed, direction, advance=False)
     param.add_(tensor * (scale * coeff))
+
+
+def whole_step(graft: GraftLike) -> StepNorms:
+    """The Graft's eager foreach step, traced as one graph (the whole-step path)."""
+    return graft._eager_step()
 
 
 @dataclass
@@ -213,14 +229,15 @@ class CompiledStep:
     (a tensor's first step, a layout the graphs do not take) or torch.compile failed
     (then `failed` says why, and every later call returns None at once). `steps` counts
     the steps it ran; `tensor_steps` the tensors each path stepped: "native" (the CPU
-    loops of graft/optim/native) and "graph" (inductor).
+    loops of graft/optim/native), "graph" (inductor, a graph per tensor) and "whole" (one
+    graph for the whole step, GPUs).
     """
 
     def __init__(self, granularity: str) -> None:
         self.granularity = granularity
         self.failed: str | None = None
         self.steps = 0
-        self.tensor_steps = {"native": 0, "graph": 0}  # tensors stepped by each path
+        self.tensor_steps = {"native": 0, "graph": 0, "whole": 0}  # tensors, by path
         self.compiled: set[tuple] = set()  # signatures whose graphs compiled on scratch
         self.warned_layout = False
         self.views: dict[Tensor, Views] = {}
@@ -235,10 +252,21 @@ class CompiledStep:
         self.tensor_step = torch.compile(tensor_step, **options)
         self.norms_pass = torch.compile(norms_pass, **options)
         self.apply_pass = torch.compile(apply_pass, **options)
+        # The Graft's structure and flags are guarded; a new lr is an input, not a recompile.
+        self.whole_step = torch.compile(
+            whole_step,
+            backend=BACKEND,
+            fullgraph=True,
+            recompile_limit=RECOMPILE_LIMIT,
+            isolate_recompiles=True,  # this Graft's graphs only, not every Graft's in the process
+        )
 
     def step(self, graft: GraftLike) -> StepNorms | None:
         if self.failed is not None:
             return None
+        tensors = whole_step_tensors(graft)
+        if tensors is not None:
+            return self.step_whole(graft, tensors)
         items = self.items(graft)
         if items is None:
             return None
@@ -266,6 +294,18 @@ class CompiledStep:
         self.tensor_steps["native"] += len(items) - len(graphs)
         self.tensor_steps["graph"] += len(graphs)
         return gather(items, parts)
+
+    def step_whole(self, graft: GraftLike, tensors: int) -> StepNorms | None:
+        """The whole-step graph, compiled at its first call: nothing has moved if that
+        fails (tracing and compiling precede every kernel), so the step then runs eagerly."""
+        try:
+            norms = self.whole_step(graft)
+        except Exception as error:  # any failure to compile means: step eagerly
+            self.fail(reason(error))
+            return None
+        self.steps += 1
+        self.tensor_steps["whole"] += tensors
+        return norms
 
     def run_global(
         self, calls: list[native.LoopCall], graphs: list[tuple[int, Item]]
@@ -412,6 +452,31 @@ class CompiledStep:
                 return False
             self.compiled.add(signature(item))
         return True
+
+
+def whole_step_tensors(graft: GraftLike) -> int | None:
+    """How many tensors the whole-step graph would step: all of the Graft's tensors with a
+    gradient, when they are all on a WHOLE_STEP_DEVICES device and have taken their first
+    (eager) step; else None (other paths, or eager)."""
+    count = 0
+    for group in graft.param_groups:
+        m_keys = Role.of(group["magnitude"], group["lr"]).keys
+        d_keys = Role.of(group["direction"]).keys if graft.grafting() else set()
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.device.type not in WHOLE_STEP_DEVICES:
+                return None
+            if param.grad.is_sparse or param.is_complex():
+                return None  # the eager step raises the error
+            state = graft.state.get(param, {})
+            if not (
+                m_keys <= set(state.get("magnitude", {}))
+                and d_keys <= set(state.get("direction", {}))
+            ):
+                return None  # a first step: the eager rules create the state
+            count += 1
+    return count or None
 
 
 def pack_scalars(items: list[Item]) -> None:
