@@ -8,12 +8,9 @@ all tensors; none writes the formula itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from graft.optim.update import StepNorms
 
 Norm = TypeVar("Norm", Tensor, float)
 
@@ -42,4 +39,4 @@ class GraftLike(Protocol):
 
     def grafting(self) -> bool: ...
 
-    def _eager_step(self) -> StepNorms: ...
+    def _eager_step(self) -> Any: ...  # graft.optim.update.StepNorms
