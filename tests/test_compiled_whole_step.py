@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.compile, pytest.mark.slow]
 
 STEPS = 10
 # The paper's nine pairs per tensor, three of them over all tensors too (each case compiles
-# twice; scripts/gpu_check.py runs every pair of rules in both granularities).
+# twice). Every rule's traced step, flags included: tests/test_torch_compile_step.py.
 CASES = [
     *((m, d, "tensor") for m, d in itertools.product(("sgd", "adam", "adagrad"), repeat=2)),
     *((m, d, "global") for m, d in [("adam", "sgd"), ("sgd", "adam"), ("adagrad", "adam")]),

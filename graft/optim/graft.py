@@ -85,8 +85,9 @@ class Graft(torch.optim.Optimizer):
             rounding, each tensor's step fused into two loops over memory, from the second
             step on (the first, which creates the state, takes the eager path). SGD, Adam,
             AdamW and AdaGrad on the CPU take hand-written loops (built once per machine),
-            the rest torch.compile's graphs. Built-in rules only; where the step cannot be
-            compiled, one warning and eager steps.
+            the rest torch.compile's graphs; on a GPU, one graph for the whole step.
+            Built-in rules only; where the step cannot be compiled, one warning and eager
+            steps.
         foreach, fused, capturable, differentiable: torch.optim's implementation keywords,
             taken where they describe Graft's step (foreach None or True, fused None or
             False, the others False); any other value is a one-line ValueError.

@@ -1,0 +1,61 @@
+"""scripts/gpu_check.py as the device session will run it, here with `--device cpu --quick`:
+every check passes and lands in its report, and its bad input is one line with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.runs import REPO
+
+SCRIPT = REPO / "scripts" / "gpu_check.py"
+
+
+def gpu_check(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_the_quick_cpu_run_passes_every_check_and_writes_its_report(tmp_path):
+    result = gpu_check("--device", "cpu", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert report == result.stdout
+    assert "## (a) Correctness" in report and "## (b) Optimizer speed" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    eager = [row for row in rows if row.startswith("| eager |")]
+    assert len(eager) == 7 * 7 * 2  # every pair of built-in rules, both granularities
+    compiled = [row for row in rows if row.startswith("| compiled |")]
+    assert compiled and all("path whole" in row for row in compiled)  # the GPU's path
+    assert not any("FAIL" in row for row in rows)
+    speed = [row for row in rows if "Graft adam#sgd, compiled" in row]
+    assert len(speed) == 2 and all("path native" in row for row in speed)  # two models
+
+
+def test_an_existing_report_is_refused_and_kept(tmp_path):
+    (tmp_path / "gpu_check.md").write_text("an earlier report\n")
+    result = gpu_check("--device", "cpu", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "gpu_check.md exists" in result.stderr and "allowed:" in result.stderr
+    assert (tmp_path / "gpu_check.md").read_text() == "an earlier report\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_a_device_is_one_line_and_exit_code_2(tmp_path):
+    result = gpu_check("--device", "cuda", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "gpu_check: --device cuda: no CUDA device is visible here; allowed: --device cpu"
+    ]
+    assert not (tmp_path / "gpu_check.md").exists()
