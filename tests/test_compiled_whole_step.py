@@ -9,6 +9,7 @@ same against the CPU's eager step.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch.optim.lr_scheduler import StepLR
 
 import graft.optim.compiled as compiled
 from graft import Graft
+from graft.optim import GRANULARITIES
 from tests.helpers import SPECS, assert_trajectories_close, compute_grads, flat, make_model
 
 pytestmark = [pytest.mark.compile, pytest.mark.slow]
@@ -25,10 +27,13 @@ pytestmark = [pytest.mark.compile, pytest.mark.slow]
 STEPS = 10
 # The paper's nine pairs per tensor, three of them over all tensors too (each case compiles
 # twice). Every rule's traced step, flags included: tests/test_torch_compile_step.py.
+# GRAFT_ALL_PAIRS=1: every pair of built-in rules in both granularities (98 cases, minutes).
 CASES = [
     *((m, d, "tensor") for m, d in itertools.product(("sgd", "adam", "adagrad"), repeat=2)),
     *((m, d, "global") for m, d in [("adam", "sgd"), ("sgd", "adam"), ("adagrad", "adam")]),
 ]
+if os.environ.get("GRAFT_ALL_PAIRS") == "1":
+    CASES = [(*pair, g) for pair in itertools.product(SPECS, repeat=2) for g in GRANULARITIES]
 
 
 @pytest.fixture
