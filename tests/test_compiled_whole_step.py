@@ -83,17 +83,21 @@ def assert_whole_step_is_eager(magnitude, direction, granularity, device="cpu"):
         )
     state, eager_state = optimizer.state_dict(), eager_optimizer.state_dict()
     assert state["param_groups"] == eager_state["param_groups"]
-    torch.testing.assert_close(on_cpu(state["state"]), eager_state["state"], rtol=1e-5, atol=1e-6)
+    assert state["state"].keys() == eager_state["state"].keys()
+    for index, roles in eager_state["state"].items():
+        for role, tensors in roles.items():
+            assert state["state"][index][role].keys() == tensors.keys()
+            for key, expected in tensors.items():
+                # Each state tensor to fp32 rounding of its own scale: RMSprop's momentum
+                # sums g/√v terms, so a few ulps of its largest entry reach the small ones.
+                torch.testing.assert_close(
+                    state["state"][index][role][key].cpu(),
+                    expected,
+                    rtol=1e-5,
+                    atol=1e-5 * expected.abs().max().item(),
+                    msg=lambda text, where=(index, role, key): f"state {where}: {text}",
+                )
     return optimizer
-
-
-def on_cpu(value):
-    """A state_dict's tensors, nested in dicts, moved to the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {key: on_cpu(item) for key, item in value.items()}
-    return value
 
 
 @pytest.mark.parametrize(("magnitude", "direction", "granularity"), CASES)
