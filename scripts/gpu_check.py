@@ -474,6 +474,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         refuse("--device cuda: no CUDA device is visible here; allowed: --device cpu")
+    if args.out.exists() and not args.out.is_dir():
+        refuse(f"--out {args.out}: is a file; allowed: a folder (made if missing)")
     report_path = args.out / "gpu_check.md"
     if report_path.exists():
         refuse(

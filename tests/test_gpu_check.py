@@ -51,6 +51,14 @@ def test_an_existing_report_is_refused_and_kept(tmp_path):
     assert (tmp_path / "gpu_check.md").read_text() == "an earlier report\n"
 
 
+def test_an_out_that_is_a_file_is_refused_before_the_run(tmp_path):
+    (tmp_path / "out").write_text("a file\n")
+    result = gpu_check("--device", "cpu", "--quick", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "is a file" in result.stderr
+    assert (tmp_path / "out").read_text() == "a file\n"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_without_a_device_is_one_line_and_exit_code_2(tmp_path):
     result = gpu_check("--device", "cuda", "--out", str(tmp_path))

@@ -460,15 +460,14 @@ def whole_step_tensors(graft: GraftLike) -> int | None:
     (eager) step; else None (other paths, or eager)."""
     count = 0
     for group in graft.param_groups:
+        params = [param for param in group["params"] if param.grad is not None]
+        if any(param.device.type not in WHOLE_STEP_DEVICES for param in params):
+            return None  # checked first: on a CPU this is every step's answer
+        if any(param.grad.is_sparse or param.is_complex() for param in params):
+            return None  # the eager step raises the error
         m_keys = Role.of(group["magnitude"], group["lr"]).keys
         d_keys = Role.of(group["direction"]).keys if graft.grafting() else set()
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            if param.device.type not in WHOLE_STEP_DEVICES:
-                return None
-            if param.grad.is_sparse or param.is_complex():
-                return None  # the eager step raises the error
+        for param in params:
             state = graft.state.get(param, {})
             if not (
                 m_keys <= set(state.get("magnitude", {}))
