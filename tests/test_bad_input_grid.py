@@ -40,9 +40,9 @@ GRAFTED = "outputs/cat/adam#sgd/seed0"  # relative to the grid's folder
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory) -> Path:
+def grid(module_tmp) -> Path:
     """A finished grid: cat.yaml, outputs/cat/, results/cat/, and a comparison in cmp/."""
-    root = tmp_path_factory.mktemp("catalogue")
+    root = module_tmp
     (root / "cat.yaml").write_text(CAT)
     written = run.run_grid(
         load_experiment(str(root / "cat.yaml")), [], root / "outputs", root / "results"

@@ -131,9 +131,9 @@ def graft_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+def finished_run(module_tmp) -> Path:
     """A finished 2-step run, with a checkpoint per step."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    run_dir = module_tmp / "run"
     result = graft_train(run_dir.parent, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return run_dir

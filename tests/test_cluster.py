@@ -111,8 +111,8 @@ def environment(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+def uninterrupted(module_tmp) -> Path:
+    run_dir = module_tmp / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

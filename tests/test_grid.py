@@ -43,8 +43,8 @@ def write_experiment(folder: Path, sgd_lr: float | None = 0.05) -> Path:
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("grid")
+def grid(module_tmp) -> tuple[Path, Path]:
+    folder = module_tmp
     experiment = load_experiment(str(write_experiment(folder)))
     written = run_grid(experiment, [], outputs=folder / "outputs", results_root=folder / "results")
     assert (written.finished, written.total, written.failures) == (8, 8, [])

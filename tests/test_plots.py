@@ -173,8 +173,8 @@ def overlaps(figure: Figure) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sweeps(tmp_path_factory) -> dict[int, tuple[Experiment, list[Cell]]]:
-    root = tmp_path_factory.mktemp("sweeps")
+def sweeps(module_tmp) -> dict[int, tuple[Experiment, list[Cell]]]:
+    root = module_tmp
     failed = {"sgd#adam": [1], "adam#sgd": [-1]}  # one diverged seed; a cell never run
     return {
         size: fake_sweep(root / f"{size}", size, failed=failed if size > 1 else None)

@@ -69,9 +69,9 @@ def datasets_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def pydoc_task(tmp_path_factory):
+def pydoc_task(module_tmp):
     torch.manual_seed(0)
-    return build(config(), seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
+    return build(config(), seed=0, cache_dir=module_tmp)
 
 
 @pytest.mark.slow
@@ -497,10 +497,10 @@ def test_training_a_tokenizer_needs_a_vocabulary_size(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def causal_task(tmp_path_factory):
+def causal_task(module_tmp):
     torch.manual_seed(0)
     cfg = {**copy.deepcopy(TINY), "kind": "causal_lm"}
-    return build(cfg, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
+    return build(cfg, seed=0, cache_dir=module_tmp)
 
 
 def test_causal_lm_predicts_every_next_token_of_the_same_blocks(causal_task, pydoc_task):

@@ -23,8 +23,8 @@ from tests.runs import (
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    run_dir = tmp_path_factory.mktemp("cli") / "run"
+def finished_run(module_tmp) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = module_tmp / "run"
     return run_dir, graft_train(run_dir)
 
 

@@ -38,8 +38,8 @@ SOURCE = [
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("transfer") / "adam#sgd"
+def source(module_tmp) -> Path:
+    run_dir = module_tmp / "adam#sgd"
     assert train_in_process(run_dir, *SOURCE) == 0
     return run_dir
 

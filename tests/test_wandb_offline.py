@@ -152,9 +152,9 @@ ROWS = 2000  # over 32 KiB of transaction log: records span blocks
 
 
 @pytest.fixture(scope="module")
-def offline_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def offline_run(module_tmp) -> tuple[Path, subprocess.CompletedProcess]:
     """The compute-node default, for real: credentials set, W&B unreachable, mode auto."""
-    tmp_path = tmp_path_factory.mktemp("compute_node")
+    tmp_path = module_tmp
     script = f"""
 import logging, pathlib
 logging.basicConfig(level=logging.INFO)
