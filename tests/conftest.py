@@ -16,6 +16,7 @@ oversubscribe them.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -65,3 +66,16 @@ def module_tmp(
     yield path
     if request.session.testsfailed == failed_before:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_log_handlers_left_behind() -> Iterator[None]:
+    """Closes the logging handlers a test added to the root logger: Hydra's job logging,
+    run in-process by a CLI test, adds a file handler on the run's train.log, which outlives
+    the test's folder and would make every later log record fail."""
+    before = list(logging.root.handlers)
+    yield
+    for handler in logging.root.handlers[:]:
+        if handler not in before:
+            logging.root.removeHandler(handler)
+            handler.close()
