@@ -543,6 +543,27 @@ def test_channels_last_weights_compile(traced_only):
     torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
 
 
+def test_a_1x1_kernel_compiles_whatever_the_strides_of_its_size_1_dimensions(traced_only):
+    """A channels_last 1x1 convolution (ResNet's bottleneck and projection layers) gets a
+    gradient whose strides differ from the weight's in size-1 dimensions only: the same
+    memory order, so the compiled step takes it."""
+    results = []
+    for compile in (False, True):
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(8, 4, 1, 1, generator=generator)
+        param = torch.nn.Parameter(weight.to(memory_format=torch.channels_last))
+        param.grad = torch.randn(8, 4, 1, 1, generator=generator)  # contiguous strides
+        assert param.stride() != param.grad.stride()
+        optimizer = Graft([param], SPECS["sgd"], SPECS["adam"], compile=compile)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                optimizer.step()
+        results.append(param.detach().clone())
+    assert optimizer._compiled.steps == 2
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
 def test_a_layout_the_graphs_do_not_take_steps_eagerly_with_one_warning(traced_only):
     params = channels_last_params(torch.contiguous_format)
     optimizer = Graft(params, SPECS["sgd"], SPECS["adam"], compile=True)

@@ -214,6 +214,15 @@ def flat(tensor: Tensor) -> Tensor | None:
     return None
 
 
+def same_layout(tensor: Tensor, like: Tensor) -> bool:
+    """Whether the two tensors hold their elements in the same memory order: equal strides
+    wherever a dimension has more than one element. A size-1 dimension's stride is
+    arbitrary: a channels_last 1x1 convolution's weight and its contiguous gradient agree."""
+    return tensor.shape == like.shape and all(
+        a == b for a, b, size in zip(tensor.stride(), like.stride(), tensor.shape) if size > 1
+    )
+
+
 def reason(error: BaseException) -> str:
     """The innermost cause of a compile failure, on one line: 'Type: first line'."""
     while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
@@ -374,7 +383,7 @@ class CompiledStep:
                 ):
                     return None  # a first step: the eager rules create the state
                 views = self.views_of(param, m_state, d_state)
-                grad_view = flat(grad) if grad.stride() == param.stride() else None
+                grad_view = flat(grad) if same_layout(grad, param) else None
                 if views is None or grad_view is None:
                     self.warn_layout(param)
                     return None
@@ -410,7 +419,7 @@ class CompiledStep:
             return cached
         tensors = [param, *states]
         # Detached: the graphs see plain tensors (a parameter's requires_grad would be guarded).
-        flats = [flat(t.detach()) if t.stride() == param.stride() else None for t in tensors]
+        flats = [flat(t.detach()) if same_layout(t, param) else None for t in tensors]
         if any(view is None for view in flats):
             return None
         state_views = iter(flats[1:])
