@@ -6,6 +6,10 @@ drift on a shared machine hits both alike. graft-train's figure is its own
 `samples_per_s` (summary.json: training steps with data loading, logging and norm logging
 included; evaluation and checkpoints excluded); the bare loop's is steps x batch over its
 timed loop. Run: `python scripts/bench_trainer.py [--rounds 4] [--steps 40]`.
+
+scripts/gpu_check.py's section (c) uses the same two sides on a device: `warm_steps` times
+the second half of each run only (the first compiles and warms the caches), and each side
+reports its peak device memory.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -38,7 +45,8 @@ TASKS = {
 }
 
 
-def config(task_overrides: list[str], steps: int) -> dict:
+def config(task_overrides: list[str], steps: int, *extra: str) -> dict:
+    """The run both sides train: `steps` steps, no evaluation until the end, no checkpoint."""
     register_resolvers()
     overrides = [
         *task_overrides,
@@ -47,37 +55,77 @@ def config(task_overrides: list[str], steps: int) -> dict:
         "trainer.eval_every=0",  # one evaluation, at the end (excluded from samples/s)
         "trainer.checkpoint_every=0",
         "schedule.warmup_steps=0",  # any step count; the schedule's cost does not change
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return OmegaConf.to_container(compose("train", overrides), resolve=True)
 
 
-def graft_train_rate(cfg: dict) -> float:
+@dataclass
+class Throughput:
+    samples_per_s: float
+    peak_bytes: int | None  # the device's peak allocated memory (CUDA only)
+
+
+def graft_train_rate(cfg: dict, warm_steps: int = 0) -> Throughput:
+    """graft-train's own samples/s: over the whole run (summary.json), or with warm_steps
+    over its second half (the run's last log line, with trainer.log_every=warm_steps and
+    max_steps twice that), after the first steps have compiled and warmed the caches."""
+    if warm_steps:
+        cfg = {**cfg, "trainer": {**cfg["trainer"], "log_every": warm_steps}}
+        assert cfg["trainer"]["max_steps"] == 2 * warm_steps
+    reset_peak(cfg)
     with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(io.StringIO()):
         assert train(cfg, Path(run_dir)) == 0
-        return read_summary(Path(run_dir))["samples_per_s"]
+        if warm_steps:
+            last = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1]
+            rate = json.loads(last)["train/samples_per_s"]
+        else:
+            rate = read_summary(Path(run_dir))["samples_per_s"]
+    return Throughput(rate, peak(cfg))
 
 
-def bare_loop_rate(cfg: dict) -> float:
-    """The loop one would write by hand: shuffle, forward, backward, step, schedule."""
+def bare_loop_rate(cfg: dict, warm_steps: int = 0) -> Throughput:
+    """The loop one would write by hand: shuffle, forward (under bf16 autocast and with
+    channels-last images where the config says), backward, step, schedule. Its samples/s
+    over the steps after warm_steps."""
     trainer = cfg["trainer"]
+    device = torch.device(device_of(cfg))
     torch.manual_seed(trainer["seed"])
     task = build_task(cfg["task"], seed=trainer["seed"], cache_dir=Path(cfg["cache_dir"]))
-    model = task.model
+    layout = torch.channels_last if trainer["channels_last"] else torch.contiguous_format
+    model = task.model.to(device, memory_format=layout)
     optimizer = build_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg["schedule"], trainer["max_steps"])
+    forward = torch.compile(model) if trainer["compile"] else model
     batches = DataLoader(
         task.train_set,
         batch_size=trainer["batch_size"],
         shuffle=True,
         drop_last=True,
         collate_fn=task.collate,
+        num_workers=trainer["num_workers"],
+        pin_memory=device.type == "cuda",
     )
+
+    def moved(batch):
+        if isinstance(batch, Mapping):  # token blocks
+            return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        images, labels = batch
+        images = images.to(device, non_blocking=True, memory_format=layout)
+        return images, labels.to(device, non_blocking=True)
+
+    reset_peak(cfg)
     model.train()
-    steps, start = 0, time.perf_counter()
+    steps, timed = 0, trainer["max_steps"] - warm_steps
+    start = time.perf_counter()  # as graft-train's clock: from before the first batch
     while steps < trainer["max_steps"]:
         for batch in batches:
-            loss = task.loss(model, batch)
+            if steps == warm_steps and warm_steps:
+                synchronize(device)
+                start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer["bf16"]):
+                loss = task.loss(forward, moved(batch))
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -85,8 +133,30 @@ def bare_loop_rate(cfg: dict) -> float:
             steps += 1
             if steps == trainer["max_steps"]:
                 break
-    loss.item()
-    return steps * trainer["batch_size"] / (time.perf_counter() - start)
+    loss.item()  # waits for the device
+    return Throughput(timed * trainer["batch_size"] / (time.perf_counter() - start), peak(cfg))
+
+
+def device_of(cfg: dict) -> str:
+    device = cfg["trainer"]["device"]
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(cfg: dict) -> None:
+    if torch.device(device_of(cfg)).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(cfg: dict) -> int | None:
+    if torch.device(device_of(cfg)).type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return None
 
 
 def main() -> None:
@@ -107,7 +177,7 @@ def main() -> None:
             order = (bare_loop_rate, graft_train_rate)
             if round_index % 2:
                 order = order[::-1]
-            rates = {run.__name__: run(cfg) for run in order}
+            rates = {run.__name__: run(cfg).samples_per_s for run in order}
             bare.append(rates["bare_loop_rate"])
             ours.append(rates["graft_train_rate"])
             ratios.append(ours[-1] / bare[-1])

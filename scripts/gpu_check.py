@@ -16,12 +16,17 @@ writes DIR/gpu_check.md (and prints it) and exits 1 if any check fails. Sections
     the bytes it must move (read weight, gradient and state; write weight and state) over
     the copy bandwidth measured in the same run.
 
-Still to come: (c) the trainer's throughput against a bare loop, (d) NCCL with a kill and a
-resume.
+(c) trainer throughput: samples/s of graft-train against a bare hand-written loop on
+    synthetic ImageNet-shaped (ResNet-50, bf16, channels_last) and BERT-shaped (BERT-base,
+    bf16) batches, with and without graft.compile, and the peak memory of each
+    (scripts/device_checks/trainer_throughput.py).
+(d) distributed: torchrun over every GPU here (NCCL), a rank killed once the first
+    checkpoint is written, the run resumed and compared with an uninterrupted one
+    (scripts/device_checks/distributed_resume.py).
 
-`--device cpu --quick` runs the same code on the CPU in at most 3 minutes, on smaller
-models, with fewer compiled cases and adam#sgd alone in (b): tests/test_gpu_check.py runs
-it. (a) takes the GPU's
+`--device cpu --quick` runs the same code on the CPU in a few minutes, on smaller
+models, with fewer compiled cases and adam#sgd alone in (b), and two gloo ranks in (d):
+tests/test_gpu_check.py runs it. (a) takes the GPU's
 compiled path there too (one graph for the whole step, through inductor's C++); (b) times
 the CPU's own (the native loops), since a whole-step graph of a real model takes minutes of
 C++ to compile on a small CPU. On a GPU the whole run is meant to take at most 8 minutes.
@@ -43,6 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from device_checks import trainer_throughput
+from device_checks.checks import Check
+from device_checks.distributed_resume import distributed_resume
 from torch import nn
 
 import graft.optim.compiled as compiled
@@ -55,16 +63,6 @@ PAPER_RULES = ("sgd", "adam", "adagrad")
 FP32_TOLERANCE = 1e-5  # fp32 on the device against fp64 on the CPU
 BF16_TOLERANCE = 3e-2  # bf16 weights: a few of bf16's 2^-8 relative steps over 10 steps
 AUTOCAST_TOLERANCE = 1e-3  # an fp16 forward and backward against an fp32 one
-
-
-@dataclass
-class Check:
-    section: str
-    case: str
-    error: float | None  # the measured difference, where there is one
-    tolerance: float | None
-    passed: bool
-    note: str = ""
 
 
 def make_model(dtype: torch.dtype, device: str) -> nn.Module:
@@ -453,6 +451,13 @@ def report(checks: list[Check], device: str, quick: bool, seconds: float) -> lis
         "Weights after each of 10 steps against the same run on the CPU in float64 (largest",
         "difference over the steps, relative to the largest weight).",
         "",
+        *check_table([check for check in checks if check.section != "distributed"]),
+    ]
+    return lines
+
+
+def check_table(checks: list[Check]) -> list[str]:
+    lines = [
         "| section | case | difference | allowed | verdict | note |",
         "|---|---|---|---|---|---|",
     ]
@@ -464,6 +469,19 @@ def report(checks: list[Check], device: str, quick: bool, seconds: float) -> lis
             f"| {check.section} | {check.case} | {error} | {tolerance} | {verdict} | {check.note} |"
         )
     return lines
+
+
+def distributed_report(checks: list[Check]) -> list[str]:
+    return [
+        "",
+        "## (d) Distributed",
+        "",
+        "torchrun over the devices here; one rank sent SIGKILL after the first checkpoint;",
+        "the same command run again; its final weights against an uninterrupted run's",
+        "(largest difference of a tensor, relative to its norm).",
+        "",
+        *check_table([check for check in checks if check.section == "distributed"]),
+    ]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -502,8 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     checks = correctness(args.device, args.quick, say)
     say("(b) optimizer speed")
     timings, bandwidth = speed(args.device, args.quick, say)
-    lines = report(checks, args.device, args.quick, time.perf_counter() - started)
-    text = "\n".join([*lines, *speed_report(timings, bandwidth)]) + "\n"
+    say("(c) trainer throughput")
+    throughput = trainer_throughput.throughput(args.device, args.quick, say)
+    say("(d) distributed")
+    checks += distributed_resume(args.device, say)
+    lines = [
+        *report(checks, args.device, args.quick, time.perf_counter() - started),
+        *speed_report(timings, bandwidth),
+        *trainer_throughput.report(throughput),
+        *distributed_report(checks),
+    ]
+    text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.md").write_text(text)
     print(text, end="")

@@ -3,6 +3,7 @@ every check passes and lands in its report, and its bad input is one line with e
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -40,6 +41,20 @@ def test_the_quick_cpu_run_passes_every_check_and_writes_its_report(tmp_path):
     assert not any("FAIL" in row for row in rows)
     speed = [row for row in rows if "Graft adam#sgd, compiled" in row]
     assert len(speed) == 2 and all("path native" in row for row in speed)  # two models
+    # (c): both models, with and without graft.compile, a ratio from each of two rounds.
+    throughput = section(report, "## (c) Trainer throughput")
+    assert [row.split(" | ")[1] for row in throughput] == ["false", "true"] * 2
+    assert all(re.search(r"\| \d+\.\d{3} \(\d+\.\d{3}, \d+\.\d{3}\) \|", row) for row in throughput)
+    # (d): a killed rank ends the job; the rerun resumes to the uninterrupted run's weights.
+    distributed = section(report, "## (d) Distributed")
+    assert len(distributed) == 2 and all("| pass |" in row for row in distributed)
+    assert "| 0.00e+00 |" in distributed[1] and "resumed from step" in distributed[1]
+
+
+def section(report: str, heading: str) -> list[str]:
+    """The table rows under `heading`, up to the next heading."""
+    text = report.split(heading, 1)[1].split("\n## ", 1)[0]
+    return [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
 
 
 def test_an_existing_report_is_refused_and_kept(tmp_path):

@@ -4,12 +4,15 @@
 with `torchvision.datasets.ImageFolder` and the standard ImageNet transforms (random-resized
 crop and flip for training; resize and center crop for evaluation). `data.source: digits` is
 the CPU default: the 1,797 8x8 handwritten digits bundled with scikit-learn, no download.
+`data.source: synthetic` draws `train_size` and `eval_size` random images of `image_size`
+(graft/tasks/synthetic.py): ImageNet-shaped batches without ImageNet, for throughput checks.
 Metrics: cross-entropy loss, top-1 and top-5 accuracy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,12 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.transforms import v2
 
 from graft.tasks.base import DataError, Task
+from graft.tasks.synthetic import SyntheticSet, check_size
 
 # ImageNet channel statistics, as torchvision's pretrained models are normalised.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SOURCES = ("digits", "imagefolder")
+SOURCES = ("digits", "imagefolder", "synthetic")
 RESNET_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 # Normalisation layers of `name: resnet`: BatchNorm as torchvision builds it, or GroupNorm with
 # 32 groups (Wu & He 2018), which does not depend on the batch: a model whose gradient is the
@@ -47,6 +51,9 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
     elif data["source"] == "imagefolder":
         train_set, eval_set = image_folders(data)
         classes = len(train_set.classes)
+    elif data["source"] == "synthetic":
+        train_set, eval_set = synthetic_images(data, cfg["model"])
+        classes = cfg["model"].get("num_classes", 1000)
     else:
         raise DataError(
             f"unknown task.data.source {data['source']!r}; allowed: {', '.join(SOURCES)}"
@@ -216,6 +223,34 @@ def digits_splits(eval_fraction: float) -> tuple[Dataset, Dataset]:
         TensorDataset((train_images - mean) / std, labels[train_index]),
         TensorDataset((images[eval_index] - mean) / std, labels[eval_index]),
     )
+
+
+def synthetic_images(data: Mapping[str, Any], model: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
+    """Random (image, label) items: images of `data.image_size` with the model's input
+    channels, standard normal as normalised ImageNet images are near enough, and labels
+    uniform over the model's classes."""
+    size = data.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise DataError(
+            f"task.data.image_size={size!r} is invalid for task.data.source=synthetic; "
+            "allowed: an integer >= 1 (e.g. 224, ImageNet's; fix task.data.image_size)"
+        )
+    draw = partial(
+        random_image,
+        shape=(model.get("in_channels", 3), size, size),
+        classes=model.get("num_classes", 1000),
+    )
+    return (
+        SyntheticSet(check_size(data, "train_size"), "train", draw),
+        SyntheticSet(check_size(data, "eval_size"), "eval", draw),
+    )
+
+
+def random_image(
+    generator: torch.Generator, *, shape: tuple[int, int, int], classes: int
+) -> tuple[Tensor, Tensor]:
+    image = torch.randn(shape, generator=generator)
+    return image, torch.randint(classes, (), generator=generator)
 
 
 def image_folders(data: Mapping[str, Any]) -> tuple[Dataset, Dataset]:

@@ -18,6 +18,8 @@ Sources (`task.data.source`):
     load_dataset  `datasets.load_dataset(path, name, data_files=..., split=...)`: a hub corpus
                   (English Wikipedia) or local files with path "text" / "parquet" / "json" /
                   "csv" and `data_files`.
+    synthetic     `train_size` and `eval_size` blocks of random tokens (graft/tasks/synthetic.py):
+                  BERT-shaped batches without text or hub, for throughput checks.
 A document is a row of the dataset; in text files (path "text") it is a paragraph: the lines up
 to a blank line, never across files (BERT's corpus format: one sentence per line, a blank line
 between documents). Without an eval split, `eval_fraction` of the train documents is held out,
@@ -32,7 +34,7 @@ retrying for most of a minute (HF_HUB_OFFLINE=1 skips the check and uses the loc
 Tokenizer (`task.tokenizer`): `name` loads a pretrained one (hub name or local folder); null
 trains a BERT WordPiece tokenizer on the train split and keeps it under `cache_dir/tokenizer/`,
 which later builds (a resumed run, other ranks, other runs sharing the folder) load instead of
-training again.
+training again. With synthetic data, null makes a vocabulary of `vocab_size` placeholder tokens.
 
 Evaluation masks are drawn once at build time from a fixed seed, so every evaluation of every
 run scores the same masked positions; training masks are drawn per batch from torch's global RNG,
@@ -47,6 +49,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -68,8 +71,9 @@ from transformers import (
 
 from graft.common.network import unreachable
 from graft.tasks.base import DataError, Task
+from graft.tasks.synthetic import SyntheticSet, check_size
 
-SOURCES = ("pydoc", "load_dataset")
+SOURCES = ("pydoc", "load_dataset", "synthetic")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 IGNORE_INDEX = -100  # label of unmasked positions (what transformers' MLM loss skips)
 LOCAL_BUILDERS = ("text", "parquet", "json", "csv", "arrow")  # data_files on this machine
@@ -110,15 +114,19 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
     column = data.get("text_column") or "text"
     name = cfg["tokenizer"].get("name")
     tokenizer = load_pretrained(name) if name else None  # before the data: it may fail fast
-    train_docs, eval_docs = load_documents(data)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg["tokenizer"], train_docs, column, Path(cache_dir))
-    num_proc = data.get("num_proc")
-    # The (small) eval split first: a refusal comes before the long train tokenization.
-    eval_blocks = group_blocks(eval_docs, tokenizer, column, seq_len, "eval", num_proc)
-    if not data.get("eval_split"):
-        check_held_out(eval_blocks, len(eval_docs), len(eval_docs) + len(train_docs), data)
-    train_blocks = group_blocks(train_docs, tokenizer, column, seq_len, "train", num_proc)
+    if data.get("source") == "synthetic":
+        tokenizer = tokenizer or placeholder_tokenizer(int(cfg["tokenizer"]["vocab_size"]))
+        train_blocks, eval_blocks = synthetic_blocks(data, tokenizer, seq_len)
+    else:
+        train_docs, eval_docs = load_documents(data)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg["tokenizer"], train_docs, column, Path(cache_dir))
+        num_proc = data.get("num_proc")
+        # The (small) eval split first: a refusal comes before the long train tokenization.
+        eval_blocks = group_blocks(eval_docs, tokenizer, column, seq_len, "eval", num_proc)
+        if not data.get("eval_split"):
+            check_held_out(eval_blocks, len(eval_docs), len(eval_docs) + len(train_docs), data)
+        train_blocks = group_blocks(train_docs, tokenizer, column, seq_len, "train", num_proc)
     if cfg["kind"] == "causal_lm":
         return causal_task(cfg, tokenizer, train_blocks, eval_blocks)
     probability = float(data.get("mlm_probability", 0.15))
@@ -130,7 +138,7 @@ def build(cfg: Mapping[str, Any], *, seed: int, cache_dir: Path) -> Task:
     return Task(
         name=cfg["name"],
         model=model,
-        train_set=train_blocks.with_format("torch"),
+        train_set=torch_items(train_blocks),
         eval_set=eval_set.with_format("torch"),
         # No seed: training masks come from the global RNG, which the trainer checkpoints.
         collate=DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability),
@@ -160,12 +168,17 @@ def causal_task(
     return Task(
         name=cfg["name"],
         model=model,
-        train_set=train_blocks.with_format("torch"),
+        train_set=torch_items(train_blocks),
         eval_set=eval_blocks.with_format("torch"),
         collate=next_token_batch,
         loss=model_loss,
         eval_sums=next_token_eval_sums,
     )
+
+
+def torch_items(blocks: datasets.Dataset | SyntheticSet) -> Any:
+    """Blocks whose items are tensors (a synthetic set's are already)."""
+    return blocks if isinstance(blocks, SyntheticSet) else blocks.with_format("torch")
 
 
 def next_token_batch(items: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -422,15 +435,41 @@ def text_batches(documents: datasets.Dataset, column: str) -> Iterator[list[str]
 
 def train_wordpiece(batches: Iterator[list[str]], vocab_size: int) -> PreTrainedTokenizerBase:
     """A BERT-style uncased WordPiece tokenizer trained on `batches` of text."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import models
     from tokenizers.trainers import WordPieceTrainer
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer = bert_pipeline(models.WordPiece(unk_token="[UNK]"))
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+    tokenizer.train_from_iterator(batches, trainer=trainer)
+    return bert_tokenizer(tokenizer)
+
+
+def placeholder_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
+    """BERT's special tokens and placeholder words `w5`, `w6`, ... up to `vocab_size` ids: a
+    vocabulary for synthetic blocks, which have no text to train one on."""
+    from tokenizers import models
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{index}": index for index in range(len(SPECIAL_TOKENS), vocab_size)})
+    return bert_tokenizer(bert_pipeline(models.WordPiece(vocab, unk_token="[UNK]")))
+
+
+def bert_pipeline(model: Any) -> Any:
+    """A `tokenizers.Tokenizer` around the WordPiece `model` that splits text as BERT's uncased
+    tokenizer does."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+
+    tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
-    tokenizer.train_from_iterator(batches, trainer=trainer)
+    return tokenizer
+
+
+def bert_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
+    """The pipeline with BERT's `[CLS] A [SEP] B [SEP]` template, as a transformers tokenizer."""
+    from tokenizers import processors
+
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -438,6 +477,34 @@ def train_wordpiece(batches: Iterator[list[str]], vocab_size: int) -> PreTrained
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
     return BertTokenizerFast(tokenizer_object=tokenizer)
+
+
+def synthetic_blocks(
+    data: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> tuple[SyntheticSet, datasets.Dataset]:
+    """`train_size` blocks drawn on demand and `eval_size` blocks held as a dataset (masked
+    once, as real held-out blocks are): `[CLS] body [SEP]`, the body's tokens uniform over
+    the vocabulary's non-special ones."""
+    special = set(tokenizer.all_special_ids)
+    words = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    draw = partial(
+        random_block,
+        words=words,
+        cls=tokenizer.cls_token_id,
+        sep=tokenizer.sep_token_id,
+        seq_len=seq_len,
+    )
+    train = SyntheticSet(check_size(data, "train_size"), "train", draw)
+    eval_items = SyntheticSet(check_size(data, "eval_size"), "eval", draw)
+    held_out = [eval_items[index]["input_ids"].tolist() for index in range(len(eval_items))]
+    return train, datasets.Dataset.from_dict({"input_ids": held_out})
+
+
+def random_block(
+    generator: torch.Generator, *, words: Tensor, cls: int, sep: int, seq_len: int
+) -> dict[str, Tensor]:
+    body = words[torch.randint(len(words), (seq_len - 2,), generator=generator)]
+    return {"input_ids": torch.cat([torch.tensor([cls]), body, torch.tensor([sep])])}
 
 
 def group_blocks(
