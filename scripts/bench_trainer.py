@@ -45,10 +45,9 @@ TASKS = {
 }
 
 
-def config(task_overrides: list[str], steps: int, *extra: str) -> dict:
+def overrides(task_overrides: list[str], steps: int, *extra: str) -> list[str]:
     """The run both sides train: `steps` steps, no evaluation until the end, no checkpoint."""
-    register_resolvers()
-    overrides = [
+    return [
         *task_overrides,
         "logger=none",
         f"trainer.max_steps={steps}",
@@ -57,8 +56,13 @@ def config(task_overrides: list[str], steps: int, *extra: str) -> dict:
         "schedule.warmup_steps=0",  # any step count; the schedule's cost does not change
         *extra,
     ]
+
+
+def config(command_line: list[str]) -> dict:
+    """train.yaml composed with the command line's overrides, resolved."""
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return OmegaConf.to_container(compose("train", overrides), resolve=True)
+        return OmegaConf.to_container(compose("train", command_line), resolve=True)
 
 
 @dataclass
@@ -171,7 +175,7 @@ def main() -> None:
     print("| task | bare loop samples/s | graft-train samples/s | ratio (median of rounds) |")
     print("|---|---|---|---|")
     for name in args.tasks:
-        cfg = config(TASKS[name], args.steps)
+        cfg = config(overrides(TASKS[name], args.steps))
         bare, ours, ratios = [], [], []
         for round_index in range(args.rounds):
             order = (bare_loop_rate, graft_train_rate)

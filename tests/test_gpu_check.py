@@ -10,6 +10,9 @@ import sys
 import pytest
 import torch
 
+from graft.tasks import build_task
+from graft.train.checks import check_before_building
+from graft.train.strict import check_config
 from tests.runs import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.py"
@@ -82,3 +85,23 @@ def test_cuda_without_a_device_is_one_line_and_exit_code_2(tmp_path):
         "gpu_check: --device cuda: no CUDA device is visible here; allowed: --device cpu"
     ]
     assert not (tmp_path / "gpu_check.md").exists()
+
+
+@pytest.mark.parametrize("workload", ["ResNet-50, bf16, channels_last", "BERT-base, bf16"])
+def test_the_full_runs_of_section_c_are_valid_configs_of_the_full_scale_tasks(
+    workload, monkeypatch, tmp_path
+):
+    """What the device runs in (c) and the quick run does not: the full-scale configs on
+    synthetic data pass graft-train's checks and build (here on the CPU)."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from bench_trainer import config
+    from device_checks.trainer_throughput import FULL, command_line
+
+    overrides = command_line(FULL[workload], "cpu", compiled=True, warm_steps=10)
+    cfg = config(overrides)
+    check_config(overrides, cfg, sweeping=False)
+    check_before_building(cfg)
+    assert cfg["trainer"]["batch_size"] == 256 and cfg["trainer"]["bf16"]
+    assert cfg["graft"]["compile"] and cfg["task"]["data"]["source"] == "synthetic"
+    task = build_task(cfg["task"], seed=0, cache_dir=tmp_path)
+    assert sum(p.numel() for p in task.model.parameters()) > 23_000_000

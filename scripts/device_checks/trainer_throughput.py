@@ -15,6 +15,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import bench_trainer
 import datasets
 from bench_trainer import Throughput, bare_loop_rate, config, graft_train_rate
 
@@ -61,6 +62,18 @@ QUICK = {  # the same code paths on small models
 }
 
 
+def command_line(workload: list[str], device: str, compiled: bool, warm_steps: int) -> list[str]:
+    """graft-train's overrides for a workload's run: twice warm_steps steps on synthetic data."""
+    return bench_trainer.overrides(
+        [*workload, *CELL, "task.data.source=synthetic"],
+        2 * warm_steps,
+        f"trainer.device={device}",
+        f"graft.compile={str(compiled).lower()}",
+        "trainer.progress=false",
+        "trainer.log_norms_every=0",
+    )
+
+
 @dataclass
 class Row:
     model: str
@@ -81,14 +94,7 @@ def throughput(device: str, quick: bool, say: Callable[[str], None]) -> list[Row
     rows = []
     for model, overrides in (QUICK if quick else FULL).items():
         for compiled in (False, True):
-            cfg = config(
-                [*overrides, *CELL, "task.data.source=synthetic"],
-                2 * warm_steps,
-                f"trainer.device={device}",
-                f"graft.compile={str(compiled).lower()}",
-                "trainer.progress=false",
-                "trainer.log_norms_every=0",
-            )
+            cfg = config(command_line(overrides, device, compiled, warm_steps))
             row = Row(model, compiled, [], [])
             for round_index in range(rounds):
                 sides = [(row.bare, bare_loop_rate), (row.trainer, graft_train_rate)]
