@@ -26,6 +26,7 @@ from graft.optim.combine import grafting_ratio
 from graft.optim.compiled import CompiledStep
 from graft.optim.rules import RULES
 from graft.optim.rules.base import traced_lr
+from graft.optim.sharded import Sharding, is_sharded, local, sharded_step, sharding
 from graft.optim.update import StepNorms, apply_update, update_norms
 
 GRANULARITIES = ("tensor", "global")
@@ -311,6 +312,8 @@ class Graft(torch.optim.Optimizer):
                 if self._black_box_step is None or not self._black_box_step.matches(self):
                     self._black_box_step = BlackBoxStep(self)
                 self.last_norms = self._black_box_step.step()
+            elif is_sharded(self):  # FSDP2's DTensors: eagerly, on this rank's shards
+                self.last_norms = sharded_step(self)
             else:
                 norms = None if self._compiled is None else self._compiled.step(self)
                 self.last_norms = self._eager_step() if norms is None else norms
@@ -383,8 +386,9 @@ class Graft(torch.optim.Optimizer):
         return StepNorms(norm_params, magnitude, direction)
 
     def _chunks(self, group: dict[str, Any]) -> Iterator[list[Tensor]]:
-        """The group's tensors that have a gradient, by device and dtype, in chunks."""
-        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        """The group's tensors that have a gradient, by device, dtype and sharding, in
+        chunks of about CHUNK_NUMEL elements (of this rank's shards)."""
+        buckets: dict[tuple[torch.device, torch.dtype, Sharding], list[Tensor]] = {}
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -392,16 +396,16 @@ class Graft(torch.optim.Optimizer):
                 raise RuntimeError("Graft does not support sparse gradients")
             if param.is_complex():
                 raise RuntimeError("Graft does not support complex parameters")
-            buckets.setdefault((param.device, param.dtype), []).append(param)
+            buckets.setdefault((param.device, param.dtype, sharding(param)), []).append(param)
         for params in buckets.values():
             chunk: list[Tensor] = []
             numel = 0
             for param in params:
-                if chunk and numel + param.numel() > CHUNK_NUMEL:
+                if chunk and numel + local(param).numel() > CHUNK_NUMEL:
                     yield chunk
                     chunk, numel = [], 0
                 chunk.append(param)
-                numel += param.numel()
+                numel += local(param).numel()
             if chunk:
                 yield chunk
 

@@ -8,6 +8,9 @@ scale into the coefficient, so applying a grafted step is one pass over memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +34,29 @@ class Update:
     coeffs: Coeffs
 
 
+# While set: how the squared norms of shards add up to their tensors' (sharded.py).
+_SHARD_SUM: ContextVar[Callable[[Tensor], Tensor] | None] = ContextVar("shard_sum", default=None)
+
+
+@contextmanager
+def summed_over_shards(shard_sum: Callable[[Tensor], Tensor] | None) -> Iterator[None]:
+    """`norms` of tensors that are shards of larger ones: their squares summed by
+    `shard_sum` (an all-reduce over the ranks holding the other shards), so a rule's norms
+    (LARS's and LAMB's trust ratios) are the whole tensors'. None: tensors are whole."""
+    token = _SHARD_SUM.set(shard_sum)
+    try:
+        yield
+    finally:
+        _SHARD_SUM.reset(token)
+
+
 def norms(tensors: list[Tensor]) -> Tensor:
-    """‖t‖₂ per tensor, accumulated in at least fp32 (fp64 stays fp64), as one vector."""
-    return torch.stack(_norm_list(tensors))
+    """‖t‖₂ per tensor, accumulated in at least fp32 (fp64 stays fp64), as one vector; of
+    the whole tensors where `tensors` are shards (`summed_over_shards`)."""
+    shard_sum = _SHARD_SUM.get()
+    if shard_sum is None:
+        return torch.stack(_norm_list(tensors))
+    return shard_sum(torch.stack(_norm_list(tensors)).square()).sqrt()
 
 
 def _norm_list(tensors: list[Tensor]) -> list[Tensor]:
