@@ -19,6 +19,7 @@ from torch import Tensor
 
 from graft.optim import spec as specs
 from graft.optim.combine import GraftLike, grafting_ratio
+from graft.optim.shards import local, sharding, whole_squares
 from graft.optim.update import StepNorms
 
 # The Graft's param-group key under which the inner optimizers' own groups are kept, by role:
@@ -91,7 +92,8 @@ class BlackBoxStep:
                 torch.linalg.vector_norm(magnitude), torch.linalg.vector_norm(direction), eps_vector
             )
         for param, weight, scale in zip(params, start, scales.unbind()):
-            param.sub_(weight).mul_(scale).add_(weight)  # w + s·u_D, with u_D = w' - w
+            shard, weight = local(param), local(weight)
+            shard.sub_(weight).mul_(scale).add_(weight)  # w + s·u_D, with u_D = w' - w
         self.save_inner_state()
         return StepNorms(params, magnitude, direction)
 
@@ -192,11 +194,19 @@ def step_unhooked(optimizer: torch.optim.Optimizer) -> None:
 
 
 def measured_norms(params: list[Tensor], start: list[Tensor]) -> Tensor:
-    """‖w' - w‖ per tensor (in at least fp32): the step each tensor just took."""
+    """‖w' - w‖ per tensor (in at least fp32): the step each tensor just took; of the whole
+    tensor for a sharded one (one all-reduce for all)."""
     if not params:
         return torch.zeros(0)
     dtype = torch.promote_types(params[0].dtype, torch.float32)
     # One tensor at a time: a list of all differences would be a second copy of the model.
-    return torch.stack(
-        [torch.linalg.vector_norm(p.to(dtype) - w.to(dtype)) for p, w in zip(params, start)]
+    norms = torch.stack(
+        [
+            torch.linalg.vector_norm(local(p).to(dtype) - local(w).to(dtype))
+            for p, w in zip(params, start)
+        ]
     )
+    wheres = [sharding(param) for param in params]
+    if not any(wheres):
+        return norms
+    return whole_squares(norms.square(), wheres).sqrt()

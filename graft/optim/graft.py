@@ -26,7 +26,8 @@ from graft.optim.combine import grafting_ratio
 from graft.optim.compiled import CompiledStep
 from graft.optim.rules import RULES
 from graft.optim.rules.base import traced_lr
-from graft.optim.sharded import Sharding, is_sharded, local, sharded_step, sharding
+from graft.optim.sharded import is_sharded, sharded_step
+from graft.optim.shards import Sharding, local, sharding
 from graft.optim.update import StepNorms, apply_update, update_norms
 
 GRANULARITIES = ("tensor", "global")

@@ -20,54 +20,23 @@ their steps on a sharded chunk adds one all-reduce (`update.summed_over_shards`)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from graft.optim import spec as specs
 from graft.optim.combine import GraftLike, grafting_ratio
 from graft.optim.rules.base import traced_lr
+from graft.optim.shards import Sharding, local, shard_sum, sharding, whole_squares
 from graft.optim.update import StepNorms, apply_update, summed_over_shards, update_norms
-
-Sharding = tuple[Any, tuple[int, ...]] | None  # (device mesh, its dims that shard) or None
 
 
 def is_sharded(graft: GraftLike) -> bool:
     """Whether any of the optimizer's parameters is a DTensor."""
     return any(isinstance(p, DTensor) for group in graft.param_groups for p in group["params"])
-
-
-def sharding(tensor: Tensor) -> Sharding:
-    """The mesh and mesh dims over which `tensor` is split; None for a whole tensor (a plain
-    one, or a DTensor replicated on every rank)."""
-    if not isinstance(tensor, DTensor):
-        return None
-    dims = tuple(dim for dim, place in enumerate(tensor.placements) if place.is_shard())
-    return (tensor.device_mesh, dims) if dims else None
-
-
-def local(tensor: Tensor) -> Tensor:
-    """This rank's shard (for a DTensor: its local tensor, which in-place ops update)."""
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-
-
-def shard_sum(where: Sharding) -> Callable[[Tensor], Tensor] | None:
-    """x -> x summed over the ranks that hold the shards, in place; None for whole tensors."""
-    if where is None:
-        return None
-    mesh, dims = where
-
-    def summed(values: Tensor) -> Tensor:
-        for dim in dims:
-            dist.all_reduce(values, group=mesh.get_group(dim))
-        return values
-
-    return summed
 
 
 @dataclass
@@ -109,7 +78,8 @@ def sharded_step(graft: Any) -> StepNorms:
     grafting = graft.grafting()
     chunks: list[Chunk] = []
     norm_params: list[Tensor] = []
-    squares: list[tuple[Sharding, Tensor]] = []  # per chunk: M's (and D's) squared norms
+    m_squares: list[Tensor] = []  # per chunk, on this rank's shards
+    d_squares: list[Tensor] = []
     for group in graft.param_groups:
         m_rule = specs.rule_of(group["magnitude"])
         m_hyper = {**group["magnitude"], "lr": traced_lr(group["lr"])}
@@ -122,11 +92,10 @@ def sharded_step(graft: Any) -> StepNorms:
             with summed_over_shards(shard_sum(where)):
                 update = m_rule.step(shards, grads, m_shards, m_hyper, advance=True)
             keep_new_state(params, m_states, m_shards)
-            m_squares = update_norms(update).square()
+            m_squares.append(update_norms(update).square())
             norm_params += params
             if not grafting:
                 apply_update(shards, update)
-                squares.append((where, m_squares))
                 continue
             del update  # only its norm is needed: D's direction is what is added
             d_rule = specs.rule_of(group["direction"])
@@ -135,17 +104,18 @@ def sharded_step(graft: Any) -> StepNorms:
             with summed_over_shards(shard_sum(where)):
                 update = d_rule.step(shards, grads, d_shards, group["direction"], advance=True)
             keep_new_state(params, d_states, d_shards)
-            squares.append((where, torch.cat([m_squares, update_norms(update).square()])))
+            d_squares.append(update_norms(update).square())
             del update
             chunks.append(Chunk(group, params, shards, grads, d_shards, where))
 
-    summed = sum_over_shards(squares)
+    if not norm_params:
+        return StepNorms([], torch.zeros(0), torch.zeros(0))
+    wheres = [sharding(param) for param in norm_params]
     if not grafting:
-        norms = torch.cat(summed).sqrt() if summed else torch.zeros(0)
+        norms = whole_squares(torch.cat(m_squares), wheres).sqrt()
         return StepNorms(norm_params, norms, norms)
-    halves = [vector.chunk(2) for vector in summed]
-    magnitude = torch.cat([m for m, _ in halves]).sqrt()
-    direction = torch.cat([d for _, d in halves]).sqrt()
+    both = whole_squares(torch.cat(m_squares + d_squares), wheres * 2).sqrt()
+    magnitude, direction = both.chunk(2)
     if graft.granularity == "global":
         total_m, total_d = magnitude.square().sum().sqrt(), direction.square().sum().sqrt()
     start = 0
@@ -165,18 +135,3 @@ def sharded_step(graft: Any) -> StepNorms:
         del update
         start = end
     return StepNorms(norm_params, magnitude, direction)
-
-
-def sum_over_shards(squares: list[tuple[Sharding, Tensor]]) -> list[Tensor]:
-    """Each chunk's squared norms summed over its shards: one all-reduce per device mesh for
-    all chunks together; whole tensors' norms as they are."""
-    by_mesh: dict[Any, list[int]] = {}
-    for index, (where, _) in enumerate(squares):
-        if where is not None:
-            by_mesh.setdefault(where, []).append(index)
-    summed = [vector for _, vector in squares]
-    for where, indices in by_mesh.items():
-        flat = shard_sum(where)(torch.cat([summed[i] for i in indices]))
-        for index, part in zip(indices, flat.split([len(summed[i]) for i in indices])):
-            summed[index] = part
-    return summed
