@@ -5,6 +5,7 @@ built-in rules in both granularities, with one all-reduce per step."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,9 @@ BLACK_BOX_CASES = [
     ("torch.optim.NAdam", "adam", "global"),
     ("lamb", "sgd", "tensor"),
 ]
+
+
+COMPILED_CASE = ("adam", "sgd", "tensor")
 
 
 def spec(name: str) -> dict:
@@ -100,6 +104,16 @@ def on_rank(rank: int, folder: Path) -> None:
             black_box=True,
         )
     dist.all_reduce = all_reduce
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results["compiled", COMPILED_CASE] = trajectory(
+            COMPILED_CASE,
+            lambda w: distribute_tensor(w, mesh, [Shard(0)]),
+            lambda g: distribute_tensor(g, mesh, [Shard(0)]),
+            lambda p: p.full_tensor(),
+            compile=True,
+        )
+    results["compile warnings"] = [str(w.message) for w in caught if "sharded" in str(w.message)]
     if rank == 0:
         torch.save(results, folder / "sharded.pt")
     dist.barrier()
@@ -123,6 +137,10 @@ def test_two_shards_equal_one_process_for_every_pair_with_one_all_reduce_per_ste
         else:
             extra = 2 * (magnitude in trust) + 4 * (direction in trust)
             assert STEPS < count <= STEPS * (1 + extra), case
+    # compile=True: the eager step on the shards, said once.
+    assert torch.equal(found["compiled", COMPILED_CASE]["weights"], found[COMPILED_CASE]["weights"])
+    assert len(found["compile warnings"]) == 1
+    assert "stepping eagerly on the shards" in found["compile warnings"][0]
     # The black-box path: torch's optimizers step the DTensors themselves, and Graft sums
     # the norms of their steps' shards.
     for case in BLACK_BOX_CASES:

@@ -249,6 +249,7 @@ class CompiledStep:
         self.tensor_steps = {"native": 0, "graph": 0, "whole": 0}  # tensors, by path
         self.compiled: set[tuple] = set()  # signatures whose graphs compiled on scratch
         self.warned_layout = False
+        self.warned_sharded = False
         self.views: dict[Tensor, Views] = {}
         options = {
             "backend": BACKEND,
@@ -440,6 +441,16 @@ class CompiledStep:
                 stacklevel=8,  # the caller of optimizer.step()
             )
             self.warned_layout = True
+
+    def warn_sharded(self) -> None:
+        """Once: sharded (DTensor) parameters take the eager step on their shards."""
+        if not self.warned_sharded:
+            warnings.warn(
+                "Graft(compile=True): the parameters are sharded (DTensors, as FSDP2 makes "
+                "them) and the compiled step takes whole tensors; stepping eagerly on the shards",
+                stacklevel=4,  # the caller of optimizer.step()
+            )
+            self.warned_sharded = True
 
     def compile(self, items: list[Item]) -> bool:
         """Compile each item's graphs on a scratch copy; False (and a warning) on failure."""

@@ -314,6 +314,8 @@ class Graft(torch.optim.Optimizer):
                     self._black_box_step = BlackBoxStep(self)
                 self.last_norms = self._black_box_step.step()
             elif is_sharded(self):  # FSDP2's DTensors: eagerly, on this rank's shards
+                if self._compiled is not None:
+                    self._compiled.warn_sharded()
                 self.last_norms = sharded_step(self)
             else:
                 norms = None if self._compiled is None else self._compiled.step(self)
