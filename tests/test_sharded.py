@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from graft import Graft
-from graft.optim import GRANULARITIES, RULES
+from graft.optim import GRANULARITIES, RULES, state_bytes
 
 pytestmark = pytest.mark.distributed
 
@@ -169,8 +169,13 @@ def fully_sharded_on_rank(rank: int, folder: Path, case) -> None:
         s for p in model.parameters() for side in optimizer.state[p].values() for s in side.items()
     ]
     kinds = {key: type(value).__name__ for key, value in states if key != "step"}
+    held = torch.tensor(state_bytes(optimizer))
+    dist.all_reduce(held)  # each rank counts its own shards
     if rank == 0:
-        torch.save({"weights": weights, "state kinds": kinds}, folder / "fully_sharded.pt")
+        torch.save(
+            {"weights": weights, "state kinds": kinds, "state bytes": int(held)},
+            folder / "fully_sharded.pt",
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -200,12 +205,21 @@ def train_small_model(model: torch.nn.Module, case) -> tuple[torch.Tensor, Graft
 def test_a_fully_sharded_model_trains_as_one_process_and_its_state_is_sharded(tmp_path, case):
     mp.spawn(fully_sharded_on_rank, args=(tmp_path, case), nprocs=WORLD)
     found = torch.load(tmp_path / "fully_sharded.pt")
-    expected, _ = train_small_model(small_model(), case)
+    expected, optimizer = train_small_model(small_model(), case)
     assert ((found["weights"] - expected).abs().max() / expected.abs().max()).item() <= 1e-10
     # Both optimizers' states are DTensors like the parameters (what DCP saves by shard),
     # SGD's momentum buffer too, which it makes at its first step.
     assert set(found["state kinds"].values()) == {"DTensor"}
     assert "momentum_buffer" in found["state kinds"]
+    # The ranks' shards of the state add up to one process's state, step counts apart
+    # (one 0-d count per tensor and rank).
+    counts = sum(
+        side["step"].numel() * side["step"].element_size()
+        for state in optimizer.state.values()
+        for side in state.values()
+        if "step" in side
+    )
+    assert found["state bytes"] == state_bytes(optimizer) + (WORLD - 1) * counts
 
 
 def checkpoint_on_rank(rank: int, world: int, folder: Path, phase: str) -> None:
