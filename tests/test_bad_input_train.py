@@ -80,6 +80,7 @@ BEFORE_HYDRA = [
     (["trainer.max_steps=["], "bad override"),
     (["trainer.device=tpu"], "trainer.device='tpu' is not a device"),
     (["trainer.backend=mpi"], "trainer.backend='mpi' is unknown"),
+    (["trainer.parallel=zero3"], "trainer.parallel='zero3'"),
     # A task's own schedule is checked before its data is scanned (no ImageNet here).
     (["task=imagenet_resnet50", "trainer.max_steps=100"], "task=imagenet_resnet50 sets the"),
     # A sweep is checked on its first job before any job starts.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ def save_checkpoint(directory: Path, step: int, payload: Mapping[str, Any], keep
     write_atomically(path, lambda temporary: torch.save(dict(payload), temporary))
     for old in saved_checkpoints(directory)[:-keep]:
         old.unlink()
+        shutil.rmtree(old.with_suffix(".dcp"), ignore_errors=True)  # a sharded run's shards
     return path
 
 

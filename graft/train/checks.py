@@ -26,6 +26,8 @@ from graft.train.schedules import ScheduleError, check_schedule
 # Parameter dtypes (trainer.dtype): float64 is for exactness checks, such as DDP = one process.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+# trainer.parallel: whole copies on every rank, or FSDP2's shards (graft/train/sharding.py).
+PARALLEL = ("ddp", "fsdp")
 COUNT = at_least(1, integer=True)
 EVERY = at_least(0, integer=True)
 
@@ -44,6 +46,7 @@ TRAINER_LIMITS: dict[str, Allowed] = {
     "seed": EVERY,
     "timeout_s": COUNT.noting("seconds"),
     "dtype": one_of(DTYPES),
+    "parallel": one_of(PARALLEL),
     **{
         switch: BOOLEAN
         for switch in ("bf16", "fp16", "channels_last", "compile", "decay_1d", "progress")

@@ -22,12 +22,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from graft.common.errors import NonFiniteLoss, UserError
 from graft.common.run_dir import CHECKPOINTS, SUMMARY
+from graft.optim.shards import local
 from graft.tasks import DataError
 from graft.train import distributed, preemption
-from graft.train.checkpoints import load_newest_checkpoint, save_checkpoint
+from graft.train.checkpoints import checkpoint_path, load_newest_checkpoint, save_checkpoint
 from graft.train.checks import check_before_building, refuse_other_config
 from graft.train.run_lock import hold_run_dir
 from graft.train.setup import Run, build_run, rng_state
+from graft.train.sharding import SHARDS, save_shards
 from graft.train.stopwatch import Stopwatch
 from graft.train.summary import diverged, finish, report_ended_run
 
@@ -157,6 +159,8 @@ def train_step(run: Run) -> Tensor:
     for micro_step in range(run.accumulation):
         # DDP all-reduces gradients on the last micro-batch only.
         last = micro_step == run.accumulation - 1
+        if run.sharded:  # FSDP2 reduce-scatters the gradients on the last one only
+            run.model.set_requires_gradient_sync(last)
         with contextlib.nullcontext() if last or not run.ddp else run.ddp.no_sync():
             batch = run.to_device(next(run.stream))
             with run.autocast():
@@ -183,7 +187,7 @@ def checked_losses(run: Run) -> Tensor:
 
 def check_weights(run: Run) -> None:
     """NonFiniteLoss when any weight is NaN or infinite (on any rank)."""
-    finite = torch.stack([param.detach().isfinite().all() for param in run.model.parameters()])
+    finite = torch.stack([local(param).isfinite().all() for param in run.model.parameters()])
     if distributed.all_mean(finite.all().float()).item() < 1:
         raise NonFiniteLoss(run.progress.step, "weights")
 
@@ -206,23 +210,40 @@ def evaluate(run: Run) -> dict[str, float]:
     """Every eval_sums key averaged over the held-out split, as eval/<key>."""
     run.model.eval()
     totals: dict[str, Tensor] = {}
+    batches = 0
     for batch in run.eval_batches:
         with run.autocast():
             sums = run.task.eval_sums(run.forward, run.to_device(batch))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0) + value.detach().double()
+        batches += 1
+    if run.sharded:  # every forward gathers each unit's weights: all ranks run as many
+        for _ in range(most_eval_batches(run) - batches):
+            with run.autocast():
+                run.task.eval_sums(run.forward, run.to_device(batch))
     run.model.train()
     totals = {key: distributed.all_sum(value) for key, value in totals.items()}
     count = totals.pop("count")
     return {f"eval/{key}": (value / count).item() for key, value in totals.items()}
 
 
+def most_eval_batches(run: Run) -> int:
+    """The eval batches of rank 0, which has the most (ranks take every world_size-th item)."""
+    items = -(-len(run.task.eval_set) // run.ranks.world_size)
+    return -(-items // run.trainer["eval_batch_size"])
+
+
 def write_checkpoint(run: Run) -> None:
-    """Rank 0 writes; every rank's RNG state goes in (a collective: all ranks call this)."""
+    """Rank 0 writes; every rank's RNG state goes in (a collective: all ranks call this),
+    and under FSDP each rank's shards, before rank 0's file that names them."""
     rng = distributed.gather(rng_state(run.device))
+    directory, keep = run.run_dir / CHECKPOINTS, run.trainer["keep_checkpoints"]
+    state = {}
+    if run.sharded:
+        path = checkpoint_path(directory, run.progress.step)
+        state[SHARDS] = save_shards(run.model, run.optimizer, path)
     if run.ranks.main:
-        directory, keep = run.run_dir / CHECKPOINTS, run.trainer["keep_checkpoints"]
-        save_checkpoint(directory, run.progress.step, run.state_dict(rng), keep)
+        save_checkpoint(directory, run.progress.step, {**run.state_dict(rng), **state}, keep)
 
 
 def stop_here(run: Run, bar: tqdm, signum: int) -> NoReturn:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from graft.common.errors import UserError
-from graft.common.run_dir import cell_name
+from graft.common.run_dir import CHECKPOINTS, cell_name
 from graft.optim import Graft
 from graft.tasks import Batch, DataError, Task, build_task
 from graft.train import distributed
@@ -31,6 +31,7 @@ from graft.train.metrics import MetricsLog, NoMetrics
 from graft.train.optimizer import build_optimizer
 from graft.train.replay import replay_multipliers
 from graft.train.schedules import ScheduleError, build_schedule
+from graft.train.sharding import load_shards, shard_model
 from graft.train.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Run:
     # between two log lines logs the same mean loss as an uninterrupted one.
     pending: list[Tensor] = field(default_factory=list)
     # Set once the checkpoint is loaded (see the module's docstring):
+    sharded: bool = False  # trainer.parallel=fsdp over several ranks (graft/train/sharding.py)
     ddp: DistributedDataParallel | None = None
     forward: nn.Module | None = None  # the model, or its DDP and torch.compile wrappers
     metrics: MetricsLog | NoMetrics = field(default_factory=NoMetrics)
@@ -111,14 +113,10 @@ class Run:
         return batch
 
     def parts(self) -> dict[str, Any]:
-        """The parts with a state of their own, under their keys in a checkpoint."""
-        return {
-            "model": self.model,
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler,
-            "data": self.stream,
-            "scaler": self.scaler,
-        }
+        """The parts with a state of their own, under their keys in a checkpoint (a sharded
+        run's model and optimizer go to its shards' folder instead)."""
+        whole = {} if self.sharded else {"model": self.model, "optimizer": self.optimizer}
+        return {**whole, "scheduler": self.scheduler, "data": self.stream, "scaler": self.scaler}
 
     def state_dict(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint: every part's state, every rank's RNG state (`rng`), the counters."""
@@ -140,6 +138,8 @@ class Run:
             )
         for key, part in self.parts().items():
             part.load_state_dict(checkpoint[key])
+        if self.sharded:
+            load_shards(self.model, self.optimizer, checkpoint, self.run_dir / CHECKPOINTS)
         set_rng_state(checkpoint["rng"][self.ranks.rank], self.device)
         progress = checkpoint["progress"]
         self.progress = Progress(step=progress["step"], samples=progress["samples"])
@@ -177,6 +177,9 @@ def build_run(
     model = task.model.to(device, dtype=DTYPES[trainer["dtype"]])
     if trainer["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    sharded = trainer["parallel"] == "fsdp" and ranks.distributed
+    if sharded:  # before the optimizer: it steps the shards
+        shard_model(model, device, ranks.world_size)
     optimizer = build_optimizer(model, config)
     run = Run(
         config=config,
@@ -192,6 +195,7 @@ def build_run(
         scaler=torch.amp.GradScaler(device.type, enabled=trainer["fp16"]),
         accumulation=accumulation,
         eval_batches=eval_batches(task, trainer, ranks),
+        sharded=sharded,
     )
     wandb_id = None
     if checkpoint is not None:
@@ -200,7 +204,7 @@ def build_run(
         log.info("resuming %s from step %d", run_dir, run.progress.step)
     if ranks.main:
         record_config()
-    if ranks.distributed:
+    if ranks.distributed and not sharded:
         run.ddp = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 
 from graft.common.errors import EXIT_RUN_FAILED, NonFiniteLoss
 from graft.common.provenance import git_sha, hardware, versions
@@ -22,6 +22,7 @@ from graft.optim import state_bytes
 from graft.train.checkpoints import saved_checkpoints, write_atomically
 from graft.train.optimizer import optimizer_specs
 from graft.train.setup import Run
+from graft.train.sharding import full_weights
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,12 @@ def finish(run: Run, status: str, ended: Mapping[str, Any]) -> int:
     """Record how the run ended (status "finished" with its final metrics, or "diverged" with
     its error) and close its metrics log; the exit code. Every rank calls this; rank 0 writes."""
     summary = summarize(run, status, ended)
+    finished = summary["status"] == "finished"
+    weights = full_weights(run.model) if finished and run.sharded else None  # a collective
     if run.ranks.main:
-        if summary["status"] == "finished":
+        if weights is not None:
+            write_atomically(run.run_dir / MODEL, lambda path: save_file(weights, str(path)))
+        elif finished:
             write_atomically(run.run_dir / MODEL, lambda path: save_model(run.model, str(path)))
         write_atomically(
             run.run_dir / SUMMARY,
