@@ -57,17 +57,25 @@ def spec(name: str) -> dict:
     return SPECS.get(name, {"name": name, "lr": 1e-2})
 
 
-def trajectory(case, make_param, make_grad, gather, **options) -> dict[str, torch.Tensor]:
-    """Weights and both norms after each step of a case, with the given tensor kinds."""
+def trajectory(case, mesh=None, **options) -> dict[str, torch.Tensor]:
+    """Weights and both norms after each step of a case: on whole tensors, or with a mesh on
+    DTensors sharded by rows over it (as fully_shard makes them)."""
+
+    def made(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if mesh is None else distribute_tensor(tensor, mesh, [Shard(0)])
+
+    def whole(param: torch.Tensor) -> torch.Tensor:
+        return param.detach() if mesh is None else param.full_tensor()
+
     magnitude, direction, granularity = case
-    params = [torch.nn.Parameter(make_param(w)) for w in full_weights()]
+    params = [torch.nn.Parameter(made(w)) for w in full_weights()]
     optimizer = Graft(params, spec(magnitude), spec(direction), granularity, **options)
     weights, norms = [], []
     for step in range(STEPS):
         for param, grad in zip(params, gradients(step)):
-            param.grad = make_grad(grad)
+            param.grad = made(grad)
         optimizer.step()
-        weights.append(torch.cat([gather(p).reshape(-1) for p in params]))
+        weights.append(torch.cat([whole(p).reshape(-1) for p in params]))
         norms.append(torch.stack([optimizer.last_norms.magnitude, optimizer.last_norms.direction]))
     return {"weights": torch.stack(weights), "norms": torch.stack(norms)}
 
@@ -88,31 +96,14 @@ def on_rank(rank: int, folder: Path) -> None:
     results = {}
     for case in CASES:
         before = reduces["count"]
-        results[case] = trajectory(
-            case,
-            lambda w: distribute_tensor(w, mesh, [Shard(0)]),
-            lambda g: distribute_tensor(g, mesh, [Shard(0)]),
-            lambda p: p.full_tensor(),
-        )
+        results[case] = trajectory(case, mesh)
         results[case]["all_reduces"] = reduces["count"] - before
     for case in BLACK_BOX_CASES:
-        results["black box", case] = trajectory(
-            case,
-            lambda w: distribute_tensor(w, mesh, [Shard(0)]),
-            lambda g: distribute_tensor(g, mesh, [Shard(0)]),
-            lambda p: p.full_tensor(),
-            black_box=True,
-        )
+        results["black box", case] = trajectory(case, mesh, black_box=True)
     dist.all_reduce = all_reduce
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results["compiled", COMPILED_CASE] = trajectory(
-            COMPILED_CASE,
-            lambda w: distribute_tensor(w, mesh, [Shard(0)]),
-            lambda g: distribute_tensor(g, mesh, [Shard(0)]),
-            lambda p: p.full_tensor(),
-            compile=True,
-        )
+        results["compiled", COMPILED_CASE] = trajectory(COMPILED_CASE, mesh, compile=True)
     results["compile warnings"] = [str(w.message) for w in caught if "sharded" in str(w.message)]
     if rank == 0:
         torch.save(results, folder / "sharded.pt")
@@ -128,7 +119,7 @@ def test_two_shards_equal_one_process_for_every_pair_with_one_all_reduce_per_ste
     found = torch.load(tmp_path / "sharded.pt")
     trust = {"lars", "lamb"}
     for case in CASES:
-        expected = trajectory(case, lambda w: w, lambda g: g, lambda p: p.detach())
+        expected = trajectory(case)
         assert_close_trajectories(found[case], expected, case)
         magnitude, direction, _ = case
         count = found[case]["all_reduces"]
@@ -144,7 +135,7 @@ def test_two_shards_equal_one_process_for_every_pair_with_one_all_reduce_per_ste
     # The black-box path: torch's optimizers step the DTensors themselves, and Graft sums
     # the norms of their steps' shards.
     for case in BLACK_BOX_CASES:
-        expected = trajectory(case, lambda w: w, lambda g: g, lambda p: p.detach(), black_box=True)
+        expected = trajectory(case, black_box=True)
         assert_close_trajectories(found["black box", case], expected, case)
 
 
