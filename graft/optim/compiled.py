@@ -55,6 +55,7 @@ from graft.optim import native
 from graft.optim.combine import GraftLike, grafting_ratio
 from graft.optim.compiled_items import Item, Role, Side
 from graft.optim.rules.base import norm
+from graft.optim.shards import is_sharded, local, sharding, whole_squares
 from graft.optim.update import StepNorms
 
 # torch.compile's backend; tests may use "aot_eager" to check the traced math without C++.
@@ -274,7 +275,8 @@ class CompiledStep:
     def step(self, graft: GraftLike) -> StepNorms | None:
         if self.failed is not None:
             return None
-        tensors = whole_step_tensors(graft)
+        sharded = is_sharded(graft)
+        tensors = None if sharded else whole_step_tensors(graft)
         if tensors is not None:
             return self.step_whole(graft, tensors)
         items = self.items(graft)
@@ -293,6 +295,11 @@ class CompiledStep:
         pack_scalars(items)
         calls = native.calls((i, item) for i, item in enumerate(items) if item.native)
         graphs = [(i, item) for i, item in enumerate(items) if not item.native]
+        if sharded and graft.grafting():
+            self.steps += 1
+            self.tensor_steps["native"] += len(items) - len(graphs)
+            self.tensor_steps["graph"] += len(graphs)
+            return self.run_sharded(items, calls, graphs)
         if self.granularity == "global" and graft.grafting():
             parts = self.run_global(calls, graphs)
         else:
@@ -303,7 +310,36 @@ class CompiledStep:
         self.steps += 1
         self.tensor_steps["native"] += len(items) - len(graphs)
         self.tensor_steps["graph"] += len(graphs)
-        return gather(items, parts)
+        norms = gather(items, parts)
+        return whole_norms(items, norms) if sharded else norms
+
+    def run_sharded(
+        self, items: list[Item], calls: list[native.LoopCall], graphs: list[tuple[int, Item]]
+    ) -> StepNorms:
+        """Grafting on shards (graft/optim/sharded.py): every state advances and gives its
+        shard's norms, one all-reduce makes them the whole tensors', then every shard moves
+        by its tensor's ratio (per tensor, or over all tensors)."""
+        parts = [Part.of_call(call, call.advance()) for call in calls]
+        if graphs:
+            norms = [self.norms_pass(*graph_arguments(item)) for _, item in graphs]
+            parts.append(Part.of_graphs(graphs, norms))
+        norms = whole_norms(items, gather(items, parts))
+        eps = torch.tensor([item.eps for item in items], dtype=torch.float64)
+        magnitude, direction = norms.magnitude.double().cpu(), norms.direction.double().cpu()
+        if self.granularity == "global":
+            magnitude, direction = (
+                torch.linalg.vector_norm(side).expand(len(items)) for side in (magnitude, direction)
+            )
+        ratios = grafting_ratio(magnitude, direction, eps)
+        for call in calls:
+            call.apply(ratios[call.indices])
+        for index, item in graphs:
+            dtype = torch.promote_types(item.param.dtype, torch.float32)
+            scale = ratios[index].to(item.param.device, dtype)
+            self.apply_pass(
+                item.param, item.grad, item.d_state, item.d_packed, item.direction, scale
+            )
+        return norms
 
     def step_whole(self, graft: GraftLike, tensors: int) -> StepNorms | None:
         """The whole-step graph, compiled at its first call: nothing has moved if that
@@ -365,7 +401,9 @@ class CompiledStep:
         )
 
     def items(self, graft: GraftLike) -> list[Item] | None:
-        """Every tensor with a gradient, as graph arguments; None if the step must be eager."""
+        """Every tensor with a gradient, as graph arguments (of this rank's shards, for a
+        sharded one); None if the step must be eager."""
+        sharded = is_sharded(graft)
         items = []
         for group in graft.param_groups:
             m_role = Role.of(group["magnitude"], group["lr"])
@@ -383,8 +421,12 @@ class CompiledStep:
                     m_role.keys <= set(m_state) and (d_role is None or d_role.keys <= set(d_state))
                 ):
                     return None  # a first step: the eager rules create the state
+                if sharded and (m_role.rule.takes_norms or (d_role and d_role.rule.takes_norms)):
+                    self.warn_sharded()
+                    return None  # LARS's and LAMB's graphs take norms of whole tensors
                 views = self.views_of(param, m_state, d_state)
-                grad_view = flat(grad) if same_layout(grad, param) else None
+                shard = local(param)
+                grad_view = flat(local(grad)) if same_layout(local(grad), shard) else None
                 if views is None or grad_view is None:
                     self.warn_layout(param)
                     return None
@@ -411,16 +453,17 @@ class CompiledStep:
         tensors stay the same; None for a layout the graphs do not take."""
         states = tuple(v for s in (m_state, d_state) for k, v in s.items() if k != "step")
         cached = self.views.get(param)
+        shard = local(param)
         if (
             cached is not None
-            and cached.data_ptr == param.data_ptr()
+            and cached.data_ptr == shard.data_ptr()
             and len(cached.states) == len(states)
             and all(a is b for a, b in zip(cached.states, states, strict=True))
         ):
             return cached
-        tensors = [param, *states]
+        tensors = [shard, *(local(state) for state in states)]
         # Detached: the graphs see plain tensors (a parameter's requires_grad would be guarded).
-        flats = [flat(t.detach()) if same_layout(t, param) else None for t in tensors]
+        flats = [flat(t.detach()) if same_layout(t, shard) else None for t in tensors]
         if any(view is None for view in flats):
             return None
         state_views = iter(flats[1:])
@@ -428,7 +471,7 @@ class CompiledStep:
         def flat_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
             return {key: next(state_views) for key in state if key != "step"}
 
-        views = Views(param.data_ptr(), states, flats[0], flat_state(m_state), flat_state(d_state))
+        views = Views(shard.data_ptr(), states, flats[0], flat_state(m_state), flat_state(d_state))
         self.views[param] = views
         return views
 
@@ -443,12 +486,14 @@ class CompiledStep:
             self.warned_layout = True
 
     def warn_sharded(self) -> None:
-        """Once: sharded (DTensor) parameters take the eager step on their shards."""
+        """Once: LARS's and LAMB's graphs take whole tensors' norms, so on shards they step
+        eagerly (graft/optim/sharded.py)."""
         if not self.warned_sharded:
             warnings.warn(
-                "Graft(compile=True): the parameters are sharded (DTensors, as FSDP2 makes "
-                "them) and the compiled step takes whole tensors; stepping eagerly on the shards",
-                stacklevel=4,  # the caller of optimizer.step()
+                "Graft(compile=True): LARS and LAMB take norms of whole tensors inside their "
+                "compiled step, and these parameters are sharded (DTensors); stepping eagerly "
+                "on the shards",
+                stacklevel=7,  # the caller of optimizer.step()
             )
             self.warned_sharded = True
 
@@ -542,6 +587,16 @@ class Part:
             for column in zip(*norms, strict=True)
         )
         return cls([index for index, _ in graphs], magnitude, direction)
+
+
+def whole_norms(items: list[Item], norms: StepNorms) -> StepNorms:
+    """The shards' norms as their whole tensors': one all-reduce (per mesh) for all."""
+    wheres = [sharding(item.parameter) for item in items]
+    if not any(wheres):
+        return norms
+    squares = torch.cat([norms.magnitude, norms.direction]).square()
+    magnitude, direction = whole_squares(squares, wheres * 2).sqrt().chunk(2)
+    return StepNorms(norms.params, magnitude, direction)
 
 
 def gather(items: list[Item], parts: list[Part]) -> StepNorms:

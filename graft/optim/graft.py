@@ -26,8 +26,8 @@ from graft.optim.combine import grafting_ratio
 from graft.optim.compiled import CompiledStep
 from graft.optim.rules import RULES
 from graft.optim.rules.base import traced_lr
-from graft.optim.sharded import is_sharded, sharded_step
-from graft.optim.shards import Sharding, local, sharding
+from graft.optim.sharded import sharded_step
+from graft.optim.shards import Sharding, is_sharded, local, sharding
 from graft.optim.update import StepNorms, apply_update, update_norms
 
 GRANULARITIES = ("tensor", "global")
@@ -313,13 +313,11 @@ class Graft(torch.optim.Optimizer):
                 if self._black_box_step is None or not self._black_box_step.matches(self):
                     self._black_box_step = BlackBoxStep(self)
                 self.last_norms = self._black_box_step.step()
-            elif is_sharded(self):  # FSDP2's DTensors: eagerly, on this rank's shards
-                if self._compiled is not None:
-                    self._compiled.warn_sharded()
-                self.last_norms = sharded_step(self)
             else:
                 norms = None if self._compiled is None else self._compiled.step(self)
-                self.last_norms = self._eager_step() if norms is None else norms
+                if norms is None:  # FSDP2's DTensors: on this rank's shards
+                    norms = sharded_step(self) if is_sharded(self) else self._eager_step()
+                self.last_norms = norms
         finally:
             for grad in negated:
                 grad.neg_()

@@ -28,15 +28,10 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from graft.optim import spec as specs
-from graft.optim.combine import GraftLike, grafting_ratio
+from graft.optim.combine import grafting_ratio
 from graft.optim.rules.base import traced_lr
 from graft.optim.shards import Sharding, local, shard_sum, sharding, whole_squares
 from graft.optim.update import StepNorms, apply_update, summed_over_shards, update_norms
-
-
-def is_sharded(graft: GraftLike) -> bool:
-    """Whether any of the optimizer's parameters is a DTensor."""
-    return any(isinstance(p, DTensor) for group in graft.param_groups for p in group["params"])
 
 
 @dataclass

@@ -19,6 +19,11 @@ from torch.distributed.tensor import DTensor
 Sharding = tuple[Any, tuple[int, ...]] | None  # (device mesh, its dims that shard) or None
 
 
+def is_sharded(optimizer: Any) -> bool:
+    """Whether any of an optimizer's parameters (its param groups') is a DTensor."""
+    return any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
+
+
 def sharding(tensor: Tensor) -> Sharding:
     """The mesh and mesh dims over which `tensor` is split; None for a whole tensor."""
     if not isinstance(tensor, DTensor):

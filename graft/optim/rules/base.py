@@ -87,6 +87,10 @@ class Rule:
         """The torch.optim class that computes exactly this rule with these values, if any."""
         return cls.torch_class
 
+    # Whether `pointwise` takes norms of whole tensors (LARS's and LAMB's trust ratios): its
+    # graphs then cannot step a shard of a tensor (graft/optim/sharded.py steps it instead).
+    takes_norms = False
+
     @classmethod
     def init_state(cls, param: Tensor, hyper: Hyper) -> dict[str, Tensor]:
         """Fresh per-parameter state (called once, at the parameter's first step)."""

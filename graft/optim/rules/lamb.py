@@ -35,6 +35,7 @@ class LAMB(Rule):
     """
 
     name = "lamb"
+    takes_norms = True  # the trust ratio ‖w‖ / ‖r‖
     defaults = {
         "lr": 1e-3,
         "betas": (0.9, 0.999),

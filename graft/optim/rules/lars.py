@@ -33,6 +33,7 @@ class LARS(Rule):
     """
 
     name = "lars"
+    takes_norms = True  # the trust ratio ‖w‖ / ‖g‖
     defaults = {
         "lr": 1.0,
         "momentum": 0.9,
