@@ -36,8 +36,14 @@ def test_stream_is_a_seeded_permutation_per_epoch_and_resumes_mid_epoch():
     labels_of(state, 4)
     resumed = BatchStream(data, 3, seed=7, collate=None)
     resumed.load_state_dict(state.state_dict())
-    assert resumed.state_dict() == {"epoch": 1, "position": 1}
+    assert resumed.state_dict() == {"epoch": 1, "position": 1, "epoch_samples": 3}
     assert labels_of(resumed, 3) == first[4:7]
+    # Another split of the same samples (a sharded run resumed on other ranks or
+    # micro-batches) goes on at the same sample: here 3 items as 1 + 2 read as batches of 1.
+    ones = BatchStream(data, 1, seed=7, collate=None)
+    ones.load_state_dict(state.state_dict())
+    assert ones.state_dict()["position"] == 3
+    assert labels_of(ones, 3) == [[item] for item in first[4]]
     assert labels_of(BatchStream(data, 3, seed=8, collate=None), 3) != first[:3]
 
 

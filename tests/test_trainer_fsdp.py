@@ -128,3 +128,24 @@ def test_fsdp_shards_bert_layers_and_writes_the_weights_an_unsharded_run_writes(
     assert all(sharded[key].shape == whole[key].shape for key in whole)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and 0 <= summary["eval/accuracy"] <= 1
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process_at_the_same_sample(fsdp_run, tmp_path, caplog):
+    """torch.distributed.checkpoint reshards on load, and the data goes on at the same
+    global batch: a 2-rank run killed mid-way ends in one process as it would have on 2."""
+    run_dir = tmp_path / "run"
+    overrides = [*FSDP, STEPS, "trainer.micro_batch_size=8"]
+    job = torchrun(run_dir, *overrides)
+    first = run_dir / "checkpoints" / "step_00000005.pt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(worker_pids(job.pid)[-1], signal.SIGKILL)
+    job.communicate(timeout=120)
+    assert not (run_dir / "summary.json").exists()
+    with caplog.at_level("WARNING"):
+        assert train_in_process(run_dir, *overrides) == 0
+    assert "resuming a checkpoint of 2 ranks with 1" in caplog.text
+    resumed, uninterrupted = (load_file(run / "model.safetensors") for run in (run_dir, fsdp_run))
+    for key, tensor in uninterrupted.items():
+        assert ((resumed[key] - tensor).norm() / tensor.norm()).item() <= 1e-10, key

@@ -117,7 +117,15 @@ class BatchStream:
         return self.epoch + self.position / self.batches_per_epoch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        # epoch_samples: where the epoch stands whatever the ranks and micro-batches.
+        samples = self.position * self.micro_batch_size * self.world_size
+        return {"epoch": self.epoch, "position": self.position, "epoch_samples": samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self._batches = state["epoch"], state["position"], None
+        """Resume at the same sample of the same epoch: with other ranks or micro-batches
+        (a sharded checkpoint's resume), the global batches read on are the same ones, since
+        every rank draws the same permutation and takes every world_size-th index."""
+        position = state["position"]
+        if "epoch_samples" in state:  # absent in older checkpoints (same ranks only)
+            position = state["epoch_samples"] // (self.micro_batch_size * self.world_size)
+        self.epoch, self.position, self._batches = state["epoch"], position, None

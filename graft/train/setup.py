@@ -31,7 +31,7 @@ from graft.train.metrics import MetricsLog, NoMetrics
 from graft.train.optimizer import build_optimizer
 from graft.train.replay import replay_multipliers
 from graft.train.schedules import ScheduleError, build_schedule
-from graft.train.sharding import load_shards, shard_model
+from graft.train.sharding import SHARDS, load_shards, shard_model
 from graft.train.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -131,16 +131,28 @@ class Run:
 
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Resume from `checkpoint` (before DDP and the metrics log are made)."""
-        if len(checkpoint["rng"]) != self.ranks.world_size:
+        ranks, sharded = len(checkpoint["rng"]), SHARDS in checkpoint
+        if ranks != self.ranks.world_size and not sharded:
             raise UserError(
-                f"{self.run_dir} was checkpointed by {len(checkpoint['rng'])} ranks and this run "
-                f"has {self.ranks.world_size}; resume with {len(checkpoint['rng'])} processes"
+                f"{self.run_dir} was checkpointed by {ranks} ranks and this run has "
+                f"{self.ranks.world_size}; resume with {ranks} processes (a run with "
+                "trainer.parallel=fsdp resumes with any number)"
             )
         for key, part in self.parts().items():
+            if key in ("model", "optimizer") and sharded:
+                continue  # in the shards, loaded below
             part.load_state_dict(checkpoint[key])
-        if self.sharded:
+        if sharded:  # into this run's shards, or whole tensors, whatever the ranks
             load_shards(self.model, self.optimizer, checkpoint, self.run_dir / CHECKPOINTS)
-        set_rng_state(checkpoint["rng"][self.ranks.rank], self.device)
+        if ranks != self.ranks.world_size:
+            log.warning(
+                "resuming a checkpoint of %d ranks with %d: the data goes on at the same "
+                "sample, but dropout, masking and augmentation draw other random numbers",
+                ranks,
+                self.ranks.world_size,
+            )
+        if self.ranks.rank < ranks:  # a rank the checkpoint lacks keeps its fresh seed
+            set_rng_state(checkpoint["rng"][self.ranks.rank], self.device)
         progress = checkpoint["progress"]
         self.progress = Progress(step=progress["step"], samples=progress["samples"])
         self.stopwatch.load_state_dict(progress)
