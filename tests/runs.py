@@ -45,6 +45,23 @@ def graft_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+def torchrun(run_dir: Path, *overrides: str, processes: int = 2) -> subprocess.Popen:
+    """graft-train under torchrun with `processes` ranks (gloo on the CPU), in the run's
+    parent; its output (both streams) on stdout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command.append(f"--nproc_per_node={processes}")
+    command += ["-m", "graft.train", *QUIET, *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run_dir.parent
+    )
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The processes torchrun (`parent`) started: its ranks."""
+    found = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
 def config(*overrides: str) -> dict:
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

@@ -20,21 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from graft import Graft
 from graft.common.errors import UserError
-from tests.runs import QUIET, relative_differences, train_in_process
+from tests.runs import QUIET, relative_differences, torchrun, train_in_process, worker_pids
 
 pytestmark = pytest.mark.distributed
 
 # GroupNorm: the gradient does not depend on how the batch is split; fp64: no rounding drift.
 EXACT = ["task.model.norm=group", "trainer.dtype=float64", "trainer.eval_every=0"]
-
-
-def torchrun(run_dir: Path, *overrides: str, processes: int = 2) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command.append(f"--nproc_per_node={processes}")
-    command += ["-m", "graft.train", *QUIET, *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run_dir.parent
-    )
 
 
 def test_two_ranks_at_half_batch_equal_one_process_at_the_full_batch(tmp_path):
@@ -104,11 +95,6 @@ def test_every_rank_computes_the_same_grafting_norms(tmp_path):
     assert torch.equal(rank0["magnitude"], rank1["magnitude"])
     assert torch.equal(rank0["direction"], rank1["direction"])
     assert not torch.equal(rank0["magnitude"], rank0["direction"])
-
-
-def worker_pids(parent: int) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
 
 
 def test_a_killed_rank_ends_the_job_promptly_and_a_rerun_resumes(tmp_path):

@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.runs import metric_lines, train_in_process, without_timing
-from tests.test_distributed import torchrun, worker_pids
+from tests.runs import metric_lines, torchrun, train_in_process, without_timing, worker_pids
 
 pytestmark = pytest.mark.distributed
 

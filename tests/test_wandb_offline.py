@@ -20,6 +20,7 @@ from graft.common import network
 from graft.common.errors import UserError
 from graft.train.metrics import read_metrics, wandb_mode
 from graft.train.wandb_history import history_rows, read_records, run_logs
+from tests.runs import worker_pids
 
 REPO = Path(__file__).resolve().parents[1]
 AUTO = {"name": "wandb", "mode": "auto"}
@@ -211,7 +212,8 @@ def test_a_torn_transaction_log_reads_up_to_the_tear(offline_run, tmp_path):
 
 
 def kill_after_checkpoint(command: list[str], env: dict, checkpoint: Path) -> None:
-    """Start `command`, SIGKILL it as soon as `checkpoint` exists (W&B still holds rows)."""
+    """Start `command`, SIGKILL it as soon as `checkpoint` exists (W&B still holds rows);
+    under torchrun, its last rank (torchrun then ends the job)."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not checkpoint.exists():
@@ -219,17 +221,33 @@ def kill_after_checkpoint(command: list[str], env: dict, checkpoint: Path) -> No
             process.kill()
             pytest.fail(f"no {checkpoint.name}: {process.communicate()[1].decode()[-2000:]}")
         time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
+    ranks = worker_pids(process.pid) if "torch.distributed.run" in command else []
+    os.kill(ranks[-1] if ranks else process.pid, signal.SIGKILL)
     process.wait()
 
 
-@pytest.mark.slow
-def test_after_a_kill_and_a_resume_wandb_holds_every_row_of_metrics_jsonl(tmp_path):
-    run_dir = tmp_path / "run"
-    command = [
+# One process, and FSDP over 2 ranks (rank 0 logs, as under DDP).
+LAUNCHERS = {
+    "one process": [sys.executable, "-m", "graft.train"],
+    "fsdp, 2 ranks": [
         sys.executable,
         "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
         "graft.train",
+        "trainer.parallel=fsdp",
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_after_a_kill_and_a_resume_wandb_holds_every_row_of_metrics_jsonl(tmp_path, launcher):
+    run_dir = tmp_path / "run"
+    command = [
+        *LAUNCHERS[launcher],
         "logger=wandb",
         "logger.mode=offline",
         "trainer.batch_size=16",
