@@ -32,23 +32,30 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torchvision.models.resnet import BasicBlock, Bottleneck
-from transformers.models.bert.modeling_bert import BertLayer
 
 from graft.optim import Graft
 
-SHARDED_UNITS = (BasicBlock, Bottleneck, BertLayer)
 SHARDS = "shards"  # the checkpoint key naming its shards' folder
 
 
 def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
     """fully_shard each block, then the root, over all ranks (a 1-d mesh)."""
     mesh = init_device_mesh(device.type, (world_size,))
+    units = sharded_units()
     for module in model.modules():
-        if isinstance(module, SHARDED_UNITS):
+        if isinstance(module, units):
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def sharded_units() -> tuple[type, ...]:
+    """The blocks each sharded on their own (imported here: an image run needs no
+    transformers, nor a text run torchvision, until it shards)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    return (BasicBlock, Bottleneck, BertLayer)
 
 
 def shards_path(checkpoint_file: Path) -> Path:
