@@ -40,6 +40,20 @@ def finished(job, run_dir: Path) -> str:
     return output
 
 
+def kill_a_rank_after_the_first_checkpoint(run_dir: Path, overrides: list[str]) -> None:
+    """Start the run on 2 ranks and SIGKILL one once step 5's checkpoint is written: the
+    job ends, unfinished."""
+    job = torchrun(run_dir, *overrides)
+    first = run_dir / "checkpoints" / "step_00000005.pt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.exists(), job.communicate(timeout=60)[0][-3000:]
+    os.kill(worker_pids(job.pid)[-1], signal.SIGKILL)
+    job.communicate(timeout=120)
+    assert job.returncode != 0 and not (run_dir / "summary.json").exists()
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(module_tmp) -> Path:
     run_dir = module_tmp / "fsdp"
@@ -91,15 +105,7 @@ def test_a_sharded_checkpoint_is_a_file_and_its_shards_and_old_ones_go_together(
 def test_a_killed_fsdp_rank_ends_the_job_and_the_rerun_resumes_bit_for_bit(fsdp_run, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*FSDP, STEPS, "trainer.micro_batch_size=8"]
-    job = torchrun(run_dir, *overrides)
-    first = run_dir / "checkpoints" / "step_00000005.pt"
-    deadline = time.monotonic() + 120
-    while not first.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert first.exists(), job.communicate(timeout=60)[0][-3000:]
-    os.kill(worker_pids(job.pid)[-1], signal.SIGKILL)
-    job.communicate(timeout=120)
-    assert job.returncode != 0 and not (run_dir / "summary.json").exists()
+    kill_a_rank_after_the_first_checkpoint(run_dir, overrides)
 
     output = finished(torchrun(run_dir, *overrides), run_dir)
     assert "resuming" in output
@@ -134,14 +140,7 @@ def test_a_sharded_checkpoint_resumes_in_one_process_at_the_same_sample(fsdp_run
     global batch: a 2-rank run killed mid-way ends in one process as it would have on 2."""
     run_dir = tmp_path / "run"
     overrides = [*FSDP, STEPS, "trainer.micro_batch_size=8"]
-    job = torchrun(run_dir, *overrides)
-    first = run_dir / "checkpoints" / "step_00000005.pt"
-    deadline = time.monotonic() + 120
-    while not first.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(worker_pids(job.pid)[-1], signal.SIGKILL)
-    job.communicate(timeout=120)
-    assert not (run_dir / "summary.json").exists()
+    kill_a_rank_after_the_first_checkpoint(run_dir, overrides)
     with caplog.at_level("WARNING"):
         assert train_in_process(run_dir, *overrides) == 0
     assert "resuming a checkpoint of 2 ranks with 1" in caplog.text

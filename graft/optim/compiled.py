@@ -279,7 +279,7 @@ class CompiledStep:
         tensors = None if sharded else whole_step_tensors(graft)
         if tensors is not None:
             return self.step_whole(graft, tensors)
-        items = self.items(graft)
+        items = self.items(graft, sharded)
         if items is None:
             return None
         for item in items:
@@ -400,10 +400,9 @@ class CompiledStep:
             stacklevel=7,  # the caller of optimizer.step()
         )
 
-    def items(self, graft: GraftLike) -> list[Item] | None:
+    def items(self, graft: GraftLike, sharded: bool) -> list[Item] | None:
         """Every tensor with a gradient, as graph arguments (of this rank's shards, for a
         sharded one); None if the step must be eager."""
-        sharded = is_sharded(graft)
         items = []
         for group in graft.param_groups:
             m_role = Role.of(group["magnitude"], group["lr"])
