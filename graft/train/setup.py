@@ -66,8 +66,8 @@ class Run:
     # Losses of the steps since the last log line: in each checkpoint, so a run resumed
     # between two log lines logs the same mean loss as an uninterrupted one.
     pending: list[Tensor] = field(default_factory=list)
-    # Set once the checkpoint is loaded (see the module's docstring):
     sharded: bool = False  # trainer.parallel=fsdp over several ranks (graft/train/sharding.py)
+    # Set once the checkpoint is loaded (see the module's docstring):
     ddp: DistributedDataParallel | None = None
     forward: nn.Module | None = None  # the model, or its DDP and torch.compile wrappers
     metrics: MetricsLog | NoMetrics = field(default_factory=NoMetrics)
