@@ -4,8 +4,10 @@ warning where the step cannot be compiled."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
+import pickle
 import shutil
 import warnings
 
@@ -473,6 +475,20 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(graphs_only, mo
     monkeypatch.setattr(compiled, "BACKEND", broken)
     message, _ = assert_one_warning_then_eager_steps()
     assert "no C++ compiler found" in message and "second line" not in message
+
+
+def test_a_copy_of_a_failed_compile_steps_eagerly_without_trying_again(graphs_only, monkeypatch):
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    _, optimizer = assert_one_warning_then_eager_steps()
+    for twin in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        assert twin._compiled.failed == optimizer._compiled.failed
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second attempt, so no second warning
+            twin.step()  # its parameters are copies, with the gradients of the last step
+        assert twin._compiled.steps == 0
 
 
 def assert_one_warning_then_eager_steps() -> tuple[str, Graft]:

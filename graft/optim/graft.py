@@ -115,7 +115,8 @@ class Graft(torch.optim.Optimizer):
       without them.
     - `copy.deepcopy` and pickling keep Graft's own attributes, so a copy steps bit for
       bit as the original; the black-box inner optimizers and the compiled graphs are
-      rebuilt at its first step (and the inner optimizers after load_state_dict too).
+      rebuilt at its first step (and the inner optimizers after load_state_dict too); a
+      compile that failed stays failed in the copy, which steps eagerly without a retry.
 
     After each step, `last_norms` holds ‖u_M‖ and ‖u_D‖ per tensor, without a host sync.
     """
@@ -183,22 +184,27 @@ class Graft(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; Graft's own attributes come along.
-        # The black-box inner optimizers and the compiled graphs are rebuilt at the next step.
+        # The black-box inner optimizers and the compiled graphs are rebuilt at the next step;
+        # a compile that failed here stays failed in the copy (no second attempt, no warning).
         return {
             **super().__getstate__(),
             "black_box": self.black_box,
             "last_norms": self.last_norms,
             "compile": self._compiled is not None,
+            "compile_failed": None if self._compiled is None else self._compiled.failed,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         compile = state.pop("compile", None)  # None: load_state_dict (state and groups only)
+        compile_failed = state.pop("compile_failed", None)
         super().__setstate__(state)
         # Rebuilt from the groups as they are now: inner optimizers hold copies of them.
         self._black_box_step = None
         if compile is not None:
             self._compiled = CompiledStep(self.granularity) if compile else None
+        if compile and compile_failed is not None:
+            self._compiled.failed = compile_failed
         for group in self.param_groups:  # groups saved before these keys existed
             group.setdefault("maximize", False)
             key = self.momentum_key
