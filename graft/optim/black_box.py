@@ -1,17 +1,19 @@
 """The black-box path: graft any two torch optimizers by stepping each and measuring.
 
-For each step: save the weights w (and, when grafting, the gradients), let M step and
-measure u_M = w' - w, restore w (and the gradients), let D step and measure u_D, then set
-w ← w + ‖u_M‖/(‖u_D‖ + eps) · u_D. Correct for any optimizer (it only sees what the
-optimizer did), at the price of a copy of the weights (and of the gradients when grafting)
-and two full optimizer steps; Graft takes it for optimizers that are not built-in rules (or
-when asked: `Graft(..., black_box=True)`), and the tests use it as the reference for the
-eager path. The steps are measured in the weights' dtype: an element's step below half its
-weight's ulp is lost (docs/graft_api.md, "Precision of the black-box path").
+When grafting, each step: M steps an fp64 copy of the weights w and of the gradient, and
+u_M = w' - w is measured on it; D does the same from w and the gradient M saw; then
+w ← w + ‖u_M‖/(‖u_D‖ + eps) · u_D, rounded once into the weights' dtype. The weights move
+once, and a step far below a weight's ulp is measured (docs/graft_api.md, "Precision of the
+black-box path"); between steps both optimizers' states are in their own layouts and dtypes.
+Plain M steps the weights themselves, so it is the optimizer alone bit for bit. Correct for
+any optimizer (it only sees what the optimizer did), at the price of the copies and two full
+optimizer steps; Graft takes it for optimizers that are not built-in rules (or when asked:
+`Graft(..., black_box=True)`), and the tests use it as the reference for the eager path.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -25,6 +27,17 @@ from graft.optim.update import StepNorms
 # The Graft's param-group key under which the inner optimizers' own groups are kept, by role:
 # some optimizers keep state there (a step count, an adapted scale), not per tensor.
 INNER_GROUPS = "inner_groups"
+
+
+def measuring_dtype(param: Tensor) -> torch.dtype:
+    """The dtype a grafted pair's steps are taken and measured in: fp64 (fp32 weights: the
+    rounding of w' = w + u then costs u about 2^-53 |w|, where fp32 would cost 2^-24 |w| and
+    lose a step below half an ulp outright). fp64 also tells the state an optimizer makes
+    like its tensor (fp64, stored back in the weights' dtype) from what it makes in a dtype
+    of its own (a step count in fp32). MPS has no fp64: the weights' dtype there."""
+    if not param.is_floating_point() or param.device.type == "mps":
+        return param.dtype
+    return torch.float64
 
 
 class BlackBoxStep:
@@ -63,26 +76,20 @@ class BlackBoxStep:
                 if param.grad is not None:
                     params.append(param)
                     eps.append(group["eps"])
-        self.magnitude.link(graft.state, "magnitude")
-        if grafting:
-            self.direction.link(graft.state, "direction")
-
-        start = [param.detach().clone() for param in params]
-        # D sees the gradient M saw, though M's step may rewrite it in place (Ranger's
-        # gradient centralisation, GrokFast's filter, a weight decay added to it).
-        grads = [param.grad.clone() for param in params] if grafting else []
-        step_unhooked(self.magnitude.optimizer)
-        magnitude = measured_norms(params, start)
-        if not grafting:
+        if not grafting:  # plain M steps the weights themselves: the optimizer alone
+            start = [param.detach().clone() for param in params]
+            self.magnitude.link(graft.state, "magnitude")
+            step_unhooked(self.magnitude.optimizer)
+            magnitude = measured_norms(params, start)
             self.save_inner_state()
             return StepNorms(params, magnitude, magnitude)
 
-        for param, weight, grad in zip(params, start, grads):
-            param.copy_(weight)
-            param.grad.copy_(grad)
-        del grads
-        step_unhooked(self.direction.optimizer)
-        direction = measured_norms(params, start)
+        # Each steps copies from the same weights and gradient (M may rewrite its gradient in
+        # place: Ranger's gradient centralisation, GrokFast's filter); the weights move once.
+        moved = self.magnitude.step_copies(graft.state, "magnitude", params)
+        magnitude = measured_norms(params, moved)
+        moved = self.direction.step_copies(graft.state, "direction", params)
+        direction = measured_norms(params, moved)
 
         eps_vector = torch.tensor(eps, dtype=magnitude.dtype, device=magnitude.device)
         if graft.granularity == "tensor":
@@ -91,11 +98,13 @@ class BlackBoxStep:
             scales = grafting_ratio(
                 torch.linalg.vector_norm(magnitude), torch.linalg.vector_norm(direction), eps_vector
             )
-        for param, weight, scale in zip(params, start, scales.unbind()):
-            shard, weight = local(param), local(weight)
-            shard.sub_(weight).mul_(scale).add_(weight)  # w + s·u_D, with u_D = w' - w
+        for param, copy, scale in zip(params, moved, scales.unbind()):
+            shard, copy = local(param), local(copy)
+            weight = shard.to(copy.dtype)
+            shard.copy_(copy.sub_(weight).mul_(scale).add_(weight))  # w + s·u_D, rounded once
         self.save_inner_state()
-        return StepNorms(params, magnitude, direction)
+        reported = torch.promote_types(params[0].dtype, torch.float32) if params else None
+        return StepNorms(params, magnitude.to(reported), direction.to(reported))
 
     def save_inner_state(self) -> None:
         """Copy into the Graft what its inner optimizers keep outside the per-tensor state:
@@ -122,24 +131,96 @@ class InnerOptimizer:
         self.optimizer = optimizer
         self.nested = nested  # an inner Graft keeps its rule's state under "magnitude"
 
-    def link(self, graft_state: dict[Tensor, dict[str, Any]], role: str) -> None:
-        """Point the inner optimizer's per-tensor state at the Graft's, for every tensor."""
+    def link(
+        self,
+        graft_state: dict[Tensor, dict[str, Any]],
+        role: str,
+        copies: dict[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Point the inner optimizer's per-tensor state at the Graft's, for every tensor
+        (under its copy's key where `copies` has one: the tensor the optimizer steps)."""
         inner_state = self.optimizer.state
         for group in self.optimizer.param_groups:
             for param in group["params"]:
                 slot = graft_state[param]
+                key = param if copies is None else copies.get(param, param)
                 if self.nested:
-                    inner_state[param]["magnitude"] = slot.setdefault(role, {})
+                    inner_state[key]["magnitude"] = slot.setdefault(role, {})
                     continue
                 # Optimizers that create state eagerly (Adagrad) hand it over at first link.
                 if role not in slot:
                     slot[role] = inner_state.get(param, {})
-                inner_state[param] = slot[role]
+                inner_state[key] = slot[role]
         if not self.nested:  # state under other keys, as save_inner_state keeps it
             prefix = f"{role}/"
             for key, value in graft_state.items():
                 if isinstance(key, str) and key.startswith(prefix):
                     inner_state[key.removeprefix(prefix)] = value
+
+    def step_copies(
+        self, graft_state: dict[Tensor, dict[str, Any]], role: str, params: list[Tensor]
+    ) -> list[Tensor]:
+        """One step of the inner optimizer on copies of `params` and of their gradients in
+        the measuring dtype, the weights and gradients left as they are; returns the copies
+        as the step left them (w + u). The state is stepped in that dtype too and stored back
+        in the weights' (a state tensor it creates in the measuring dtype is taken for one
+        made like its tensor)."""
+        copies = {}
+        for param in params:
+            copy = param.detach().to(measuring_dtype(param), copy=True)
+            copy.grad = param.grad.detach().to(copy.dtype, copy=True)
+            copies[param] = copy
+        self.link(graft_state, role, copies)
+        widened = {
+            param: (set(slot), retyped(slot, param.dtype, copies[param].dtype))
+            for param in params
+            if copies[param].dtype != param.dtype
+            for slot in (graft_state[param][role],)
+        }
+        groups = self.optimizer.param_groups
+        originals = [group["params"] for group in groups]
+        for group in groups:
+            group["params"] = [copies.get(param, param) for param in group["params"]]
+        try:
+            step_unhooked(self.optimizer)
+        finally:
+            for group, own in zip(groups, originals):
+                group["params"] = own
+            for copy in copies.values():
+                self.optimizer.state.pop(copy, None)
+            for param, (before, keys) in widened.items():
+                slot = graft_state[param][role]
+                back = keys | (set(slot) - before)  # what was widened, and what is new
+                retyped(slot, copies[param].dtype, param.dtype, back)
+        return [copies[param] for param in params]
+
+
+def retyped(
+    state: dict[str, Any], old: torch.dtype, new: torch.dtype, keys: set[str] | None = None
+) -> set[str]:
+    """Cast, in place, the tensors of dtype `old` in `state` (under `keys`; in lists,
+    tuples and dicts too) to `new`; returns the keys that held one."""
+    changed = set()
+    for key in list(state) if keys is None else keys:
+        value, found = cast(state[key], old, new)
+        if found:
+            state[key] = value
+            changed.add(key)
+    return changed
+
+
+def cast(value: Any, old: torch.dtype, new: torch.dtype) -> tuple[Any, bool]:
+    if isinstance(value, Tensor):
+        return (value.to(new), True) if value.dtype == old else (value, False)
+    if isinstance(value, list | tuple):
+        items = [cast(item, old, new) for item in value]
+        found = any(item_found for _, item_found in items)
+        return (type(value)(item for item, _ in items) if found else value), found
+    if isinstance(value, dict):
+        items = {key: cast(item, old, new) for key, item in value.items()}
+        found = any(item_found for _, item_found in items.values())
+        return ({key: item for key, (item, _) in items.items()} if found else value), found
+    return value, False
 
 
 def inner_optimizer(graft: GraftLike, role: str) -> InnerOptimizer:
@@ -193,17 +274,18 @@ def step_unhooked(optimizer: torch.optim.Optimizer) -> None:
     step(optimizer)
 
 
-def measured_norms(params: list[Tensor], start: list[Tensor]) -> Tensor:
-    """‖w' - w‖ per tensor (in at least fp32): the step each tensor just took; of the whole
-    tensor for a sharded one (one all-reduce for all)."""
+def measured_norms(params: list[Tensor], others: list[Tensor]) -> Tensor:
+    """‖w' - w‖ per tensor between `params` and `others` (the weights before or after a
+    step), in the wider of their dtypes and at least fp32; of the whole tensor for a sharded
+    one (one all-reduce for all)."""
     if not params:
         return torch.zeros(0)
-    dtype = torch.promote_types(params[0].dtype, torch.float32)
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in others], torch.float32)
     # One tensor at a time: a list of all differences would be a second copy of the model.
     norms = torch.stack(
         [
             torch.linalg.vector_norm(local(p).to(dtype) - local(w).to(dtype))
-            for p, w in zip(params, start)
+            for p, w in zip(params, others)
         ]
     )
     wheres = [sharding(param) for param in params]
