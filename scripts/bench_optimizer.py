@@ -130,6 +130,14 @@ CONFIGS = [
         "as adam#sgd",
     ),
     Config(
+        "Graft adam#sgd, black box, fp32 copies",
+        lambda p: graft.Graft(
+            p, magnitude=ADAM, direction=SGD, black_box=True, black_box_fp64=False
+        ),
+        36,
+        "as adam#sgd",
+    ),
+    Config(
         "Graft adam#sgd, compiled",
         lambda p: graft.Graft(p, magnitude=ADAM, direction=SGD, compile=True),
         36,
@@ -183,6 +191,7 @@ ORDER = [
     "Graft adagrad#adam",
     "Graft adam#sgd, global",
     "Graft adam#sgd, black box",
+    "Graft adam#sgd, black box, fp32 copies",
     "Graft adam#sgd, compiled",
     "Graft sgd#adam, compiled",
     "Graft adagrad#adam, compiled",

@@ -413,6 +413,26 @@ def test_the_black_box_measures_d_below_the_weights_ulp(direction_lr):
         assert (steps[label] != 0).all(), label
 
 
+def test_black_box_fp64_false_measures_in_the_weights_dtype():
+    """The faster option's limit: fp32 copies lose D's step below half a weight's ulp, so at
+    D's lr 1e-8 most weights stay where they were and the rest take all of ‖u_M‖."""
+    model = make_model(torch.float32)
+    start = flat(model)
+    spec = {"name": "torch.optim.SGD", "lr": 1e-8}
+    optimizer = Graft(model.parameters(), SPECS["adam"], spec, black_box_fp64=False)
+    moved = train(model, optimizer, 1)[-1] - start
+    assert (moved == 0).double().mean().item() > 0.5
+
+
+def test_load_state_dict_keeps_black_box_fp64():
+    model = make_model(torch.float32)
+    spec = {"name": "torch.optim.SGD", "lr": 1e-8}
+    optimizer = Graft(model.parameters(), SPECS["adam"], spec, black_box_fp64=False)
+    train(model, optimizer, 1)
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert optimizer.black_box_fp64 is False
+
+
 def test_an_optimizer_whose_step_needs_a_closure_is_a_one_line_value_error():
     with pytest.raises(ValueError) as error:
         Graft(make_model().parameters(), {"name": torch.optim.LBFGS}, SPECS["sgd"])

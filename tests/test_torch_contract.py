@@ -125,6 +125,7 @@ PATHS = {
     "global": dict(magnitude=SPECS["adam"], direction=SPECS["sgd"], granularity="global"),
     "lars_direction": dict(magnitude=SPECS["adam"], direction=SPECS["lars"]),
     "black_box": dict(magnitude=NADAM, direction=SPECS["sgd"]),
+    "black_box_fp32_copies": dict(magnitude=NADAM, direction=SPECS["sgd"], black_box_fp64=False),
     "black_box_nested": dict(magnitude=SPECS["lars"], direction=SPECS["adam"], black_box=True),
     "compiled": dict(magnitude=SPECS["adam"], direction=SPECS["sgd"], compile=True),
 }
@@ -150,6 +151,7 @@ def test_a_copy_steps_as_the_original(path, how):
         copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
     )
     assert twin_optimizer.black_box == optimizer.black_box
+    assert twin_optimizer.black_box_fp64 == optimizer.black_box_fp64
     assert twin_optimizer.last_norms is not None
     for original, copied in zip(
         train(model, optimizer, 3, offset=3), train(twin, twin_optimizer, 3, offset=3), strict=True
@@ -410,6 +412,7 @@ def test_torch_keywords_that_describe_the_step_change_nothing(keywords):
         ({"capturable": True}, "capturable=True"),
         ({"differentiable": True}, "differentiable=True"),
         ({"maximize": 1}, "maximize=1"),
+        ({"black_box_fp64": "yes"}, "black_box_fp64='yes'"),
     ],
     ids=str,
 )

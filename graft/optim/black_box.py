@@ -29,13 +29,14 @@ from graft.optim.update import StepNorms
 INNER_GROUPS = "inner_groups"
 
 
-def measuring_dtype(param: Tensor) -> torch.dtype:
+def measuring_dtype(param: Tensor, fp64: bool) -> torch.dtype:
     """The dtype a grafted pair's steps are taken and measured in: fp64 (fp32 weights: the
     rounding of w' = w + u then costs u about 2^-53 |w|, where fp32 would cost 2^-24 |w| and
-    lose a step below half an ulp outright). fp64 also tells the state an optimizer makes
-    like its tensor (fp64, stored back in the weights' dtype) from what it makes in a dtype
-    of its own (a step count in fp32). MPS has no fp64: the weights' dtype there."""
-    if not param.is_floating_point() or param.device.type == "mps":
+    lose a step below half an ulp outright), or the weights' own where `fp64` is False or
+    the device has no fp64 (MPS). fp64 also tells the state an optimizer makes like its
+    tensor (fp64, stored back in the weights' dtype) from what it makes in a dtype of its
+    own (a step count in fp32)."""
+    if not fp64 or not param.is_floating_point() or param.device.type == "mps":
         return param.dtype
     return torch.float64
 
@@ -86,9 +87,11 @@ class BlackBoxStep:
 
         # Each steps copies from the same weights and gradient (M may rewrite its gradient in
         # place: Ranger's gradient centralisation, GrokFast's filter); the weights move once.
-        moved = self.magnitude.step_copies(graft.state, "magnitude", params)
+        fp64 = graft.black_box_fp64
+        moved = self.magnitude.step_copies(graft.state, "magnitude", params, fp64)
         magnitude = measured_norms(params, moved)
-        moved = self.direction.step_copies(graft.state, "direction", params)
+        del moved  # before D's copies are made
+        moved = self.direction.step_copies(graft.state, "direction", params, fp64)
         direction = measured_norms(params, moved)
 
         eps_vector = torch.tensor(eps, dtype=magnitude.dtype, device=magnitude.device)
@@ -158,16 +161,20 @@ class InnerOptimizer:
                     inner_state[key.removeprefix(prefix)] = value
 
     def step_copies(
-        self, graft_state: dict[Tensor, dict[str, Any]], role: str, params: list[Tensor]
+        self,
+        graft_state: dict[Tensor, dict[str, Any]],
+        role: str,
+        params: list[Tensor],
+        fp64: bool,
     ) -> list[Tensor]:
         """One step of the inner optimizer on copies of `params` and of their gradients in
-        the measuring dtype, the weights and gradients left as they are; returns the copies
-        as the step left them (w + u). The state is stepped in that dtype too and stored back
-        in the weights' (a state tensor it creates in the measuring dtype is taken for one
-        made like its tensor)."""
+        the measuring dtype (`measuring_dtype`), the weights and gradients left as they are;
+        returns the copies as the step left them (w + u). The state is stepped in that dtype
+        too and stored back in the weights' (a state tensor it creates in fp64 is taken for
+        one made like its tensor)."""
         copies = {}
         for param in params:
-            copy = param.detach().to(measuring_dtype(param), copy=True)
+            copy = param.detach().to(measuring_dtype(param, fp64), copy=True)
             copy.grad = param.grad.detach().to(copy.dtype, copy=True)
             copies[param] = copy
         self.link(graft_state, role, copies)
@@ -188,6 +195,7 @@ class InnerOptimizer:
                 group["params"] = own
             for copy in copies.values():
                 self.optimizer.state.pop(copy, None)
+                copy.grad = None
             for param, (before, keys) in widened.items():
                 slot = graft_state[param][role]
                 back = keys | (set(slot) - before)  # what was widened, and what is new

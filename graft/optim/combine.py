@@ -28,11 +28,12 @@ def grafting_ratio(magnitude: Norm, direction: Norm, eps: Any) -> Norm:
 class GraftLike(Protocol):
     """The optimizer as the compiled and black-box steps read it (graft.Graft is one): its
     param groups (M's lr, both specs, eps), its per-tensor state (under "magnitude" and
-    "direction"), its granularity, whether a direction is grafted on, and its eager step
-    (which the whole-step graph traces)."""
+    "direction"), its granularity, whether a direction is grafted on, the black-box path's
+    precision, and its eager step (which the whole-step graph traces)."""
 
     param_groups: list[dict[str, Any]]
     state: Any  # per tensor: {"magnitude": {...}, "direction": {...}}
+    black_box_fp64: bool  # the black-box path steps fp64 copies (else the weights' dtype)
 
     @property
     def granularity(self) -> str: ...

@@ -81,8 +81,13 @@ class Graft(torch.optim.Optimizer):
             not an optimizer has a maximize keyword; a spec's own maximize flips its
             gradient once more).
         black_box: force the black-box path (graft/optim/black_box.py: step each whole
-            optimizer, measure, restore), which any torch optimizer takes and built-in
-            rules only need as a reference for the eager path.
+            optimizer on a copy of the weights and measure), which any torch optimizer
+            takes and built-in rules only need as a reference for the eager path.
+        black_box_fp64: the black-box path's grafted pairs step fp64 copies of the weights
+            and gradients, so a step far below the weights' ulp is measured exactly. False:
+            copies in the weights' dtype, about half the time and a fifth of the transient
+            memory, but an element's step below half its weight's ulp is lost
+            (docs/graft_api.md, "Precision of the black-box path").
         compile: the compiled path (graft/optim/compiled.py): the same results to fp32
             rounding, each tensor's step fused into two loops over memory, from the second
             step on (the first, which creates the state, takes the eager path). SGD, Adam,
@@ -131,6 +136,7 @@ class Graft(torch.optim.Optimizer):
         *,
         maximize: bool = False,
         black_box: bool = False,
+        black_box_fp64: bool = True,
         compile: bool = False,  # noqa: A002 - the name torch users expect
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -155,6 +161,11 @@ class Graft(torch.optim.Optimizer):
             direction is None or specs.rule_of(direction) is not None
         )
         self.black_box = black_box or not builtin
+        if not isinstance(black_box_fp64, bool):
+            raise ValueError(
+                f"invalid black_box_fp64={black_box_fp64!r} for Graft; allowed: true or false"
+            )
+        self.black_box_fp64 = black_box_fp64
         self.last_norms: StepNorms | None = None
         self._black_box_step = None
         self._compiled = None
@@ -189,6 +200,7 @@ class Graft(torch.optim.Optimizer):
         return {
             **super().__getstate__(),
             "black_box": self.black_box,
+            "black_box_fp64": self.black_box_fp64,
             "last_norms": self.last_norms,
             "compile": self._compiled is not None,
             "compile_failed": None if self._compiled is None else self._compiled.failed,
@@ -198,6 +210,8 @@ class Graft(torch.optim.Optimizer):
         state = dict(state)
         compile = state.pop("compile", None)  # None: load_state_dict (state and groups only)
         compile_failed = state.pop("compile_failed", None)
+        if not hasattr(self, "black_box_fp64"):  # unpickled from before the option existed
+            state.setdefault("black_box_fp64", True)
         super().__setstate__(state)
         # Rebuilt from the groups as they are now: inner optimizers hold copies of them.
         self._black_box_step = None
