@@ -433,6 +433,50 @@ def test_load_state_dict_keeps_black_box_fp64():
     assert optimizer.black_box_fp64 is False
 
 
+def muon_groups(params, **flags):
+    """pytorch-optimizer's Muon's param groups: matrices and kernels orthogonalised, the rest
+    on its AdamW, at the lr Muon alone gives them (a Graft group's lr is M's); `flags` added
+    to both (a tag)."""
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "use_muon": True, **flags},
+        {"params": [p for p in params if p.ndim < 2], "use_muon": False, "lr": 3e-4, **flags},
+    ]
+
+
+MUON = {"name": "pytorch_optimizer.Muon", "lr": 0.02}
+
+
+def test_group_flags_reach_the_optimizer_on_the_black_box_path():
+    """An optimizer that reads a flag from its param groups (Muon's use_muon) gets it, and
+    a tag with it: plain M steps as the optimizer alone bit for bit, and as D it is the
+    black-box definition."""
+    dtype = torch.float64
+    runs = []
+    for make in (
+        lambda params: zoo_class(MUON["name"])(muon_groups(params, name="body"), lr=MUON["lr"]),
+        lambda params: Graft(muon_groups(params, name="body"), MUON),
+    ):
+        model = make_model(dtype)
+        runs.append(train(model, make(list(model.parameters())), STEPS))
+    for alone, grafted in zip(*runs, strict=True):
+        assert torch.equal(alone, grafted)
+
+    model = make_model(dtype)
+    params = list(model.parameters())
+    expected = reference_graft(
+        params,
+        lambda own: torch.optim.Adam(muon_groups(own), lr=SPECS["adam"]["lr"]),
+        lambda own: zoo_class(MUON["name"])(muon_groups(own), lr=MUON["lr"]),
+        STEPS,
+        model,
+    )
+    model = make_model(dtype)
+    optimizer = Graft(muon_groups(list(model.parameters())), SPECS["adam"], MUON)
+    assert optimizer.param_groups[0]["use_muon"] is True
+    start = flat(model)
+    assert_trajectories_close(train(model, optimizer, STEPS), expected, dtype, start=start)
+
+
 def test_an_optimizer_whose_step_needs_a_closure_is_a_one_line_value_error():
     with pytest.raises(ValueError) as error:
         Graft(make_model().parameters(), {"name": torch.optim.LBFGS}, SPECS["sgd"])

@@ -70,9 +70,12 @@ class BlackBoxStep:
             # M's lr and momentum and both weight decays follow the Graft's (its schedulers')
             inner_group = self.magnitude.optimizer.param_groups[index]
             inner_group["lr"] = group["lr"]
-            follow(inner_group, group["magnitude"], (self.momentum_key, "weight_decay"))
+            follow(inner_group, group["magnitude"], (self.momentum_key, specs.WEIGHT_DECAY))
+            inner_group.update(specs.group_tags(group))
             if grafting:
-                follow(self.direction.optimizer.param_groups[index], group["direction"])
+                inner_group = self.direction.optimizer.param_groups[index]
+                follow(inner_group, group["direction"])
+                inner_group.update(specs.group_tags(group))
             for param in group["params"]:
                 if param.grad is not None:
                     params.append(param)
@@ -245,6 +248,7 @@ def inner_optimizer(graft: GraftLike, role: str) -> InnerOptimizer:
         if role == "magnitude":
             hyper["lr"] = group["lr"]
         groups.append({"params": group["params"], **hyper})
+    tags = [specs.group_tags(group) for group in graft_groups]
 
     if cls is None:  # a built-in rule torch.optim lacks: a plain Graft of that rule
         inner = type(graft)(groups, magnitude={"name": first["name"], "lr": groups[0]["lr"]})
@@ -255,7 +259,8 @@ def inner_optimizer(graft: GraftLike, role: str) -> InnerOptimizer:
             {k: v for k, v in group.items() if k == "params" or k in accepted} for group in groups
         ]
     first_group = {k: v for k, v in groups[0].items() if k != "params"}
-    optimizer = cls(groups, **first_group)
+    # Tags and flags go in the groups, as the optimizer alone would be given them.
+    optimizer = cls([{**group, **tag} for group, tag in zip(groups, tags)], **first_group)
     for group, inner_group in zip(graft_groups, optimizer.param_groups):
         inner_group.update(group.get(INNER_GROUPS, {}).get(role, {}))  # as they were saved
     return InnerOptimizer(optimizer, nested=False)

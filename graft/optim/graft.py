@@ -36,20 +36,6 @@ GRANULARITIES = ("tensor", "global")
 # stay a few chunks in size whatever the model's size (a larger tensor is its own chunk).
 CHUNK_NUMEL = 1 << 20
 
-# Param-group keys Graft itself reads; any other key goes to the optimizers that name it
-# as a keyword, else stays in the group as is (a tag such as "name", a scheduler's own).
-GROUP_KEYS = (
-    "params",
-    "param_names",
-    "lr",
-    "magnitude",
-    "direction",
-    "eps",
-    "granularity",
-    "maximize",
-    "inner_groups",  # the black-box path's inner optimizers' groups (black_box.INNER_GROUPS)
-)
-
 # Every built-in rule's keywords: a group key among them that neither M nor D takes is a
 # hyperparameter sent to the wrong optimizer, not a tag, and is refused.
 RULE_KEYWORDS = set().union(*(rule.defaults for rule in RULES.values()))
@@ -64,8 +50,10 @@ class Graft(torch.optim.Optimizer):
             `weight_decay=0.0` for biases: applied to whichever of M and D names it), or
             `magnitude={...}` / `direction={...}` to override one of them alone. Any other
             key (a tag such as Lightning's "name", a scheduler's "initial_lr") stays in the
-            group as is and reaches neither optimizer; only a built-in rule's keyword that
-            neither M nor D takes is refused (a hyperparameter sent to the wrong optimizer).
+            group as is: no built-in rule reads it, and the black-box path's inner
+            optimizers get it in their groups (a flag such as Muon's "use_muon"); only a
+            built-in rule's keyword that neither M nor D takes is refused (a
+            hyperparameter sent to the wrong optimizer).
             An optimizer class taking **kwargs gets only the keywords it names from here.
         magnitude: M's spec, e.g. ``{"name": "adam", "lr": 1e-3}``: a built-in rule by
             name (graft.optim.RULES; torch.optim's keywords and defaults), or any other
@@ -224,7 +212,7 @@ class Graft(torch.optim.Optimizer):
             key = self.momentum_key
             if key is not None and key not in group:
                 group[key] = momentum_value(key, specs.keyword_default(group["magnitude"], key))
-            if WEIGHT_DECAY not in group:
+            if specs.WEIGHT_DECAY not in group:
                 share_weight_decay(group)
 
     @property
@@ -252,7 +240,7 @@ class Graft(torch.optim.Optimizer):
         direction = None if direction is None else dict(direction)
 
         names = [str(spec["name"]) for spec in (magnitude, direction) if spec is not None]
-        for key in [key for key in group if key not in GROUP_KEYS and key != "name"]:
+        for key in [key for key in group if key not in specs.GROUP_KEYS and key != "name"]:
             takers = [
                 spec
                 for spec in (magnitude, direction)
@@ -304,9 +292,9 @@ class Graft(torch.optim.Optimizer):
             value = momentum_value(key, specs.keyword_default(group["magnitude"], key))
             group[key] = group["magnitude"][key] = value
         for spec in (group["magnitude"], group["direction"]):
-            if spec is not None and specs.takes_number(spec, WEIGHT_DECAY):
+            if spec is not None and specs.takes_number(spec, specs.WEIGHT_DECAY):
                 # Explicit, so that the spec holding the key is what takes the group's value.
-                spec[WEIGHT_DECAY] = specs.keyword_default(spec, WEIGHT_DECAY)
+                spec[specs.WEIGHT_DECAY] = specs.keyword_default(spec, specs.WEIGHT_DECAY)
         share_weight_decay(group)
         super().add_param_group(group)
 
@@ -324,9 +312,9 @@ class Graft(torch.optim.Optimizer):
         for group in self.param_groups:  # the group's keys are authoritative (schedulers write)
             if key is not None:
                 group["magnitude"][key] = momentum_value(key, group[key])
-            if WEIGHT_DECAY in group:
+            if specs.WEIGHT_DECAY in group:
                 for spec in weight_decay_takers(group):
-                    spec[WEIGHT_DECAY] = group[WEIGHT_DECAY]
+                    spec[specs.WEIGHT_DECAY] = group[specs.WEIGHT_DECAY]
         negated = self._negate_maximized_grads()
         try:
             if self.black_box:
@@ -441,26 +429,23 @@ class Graft(torch.optim.Optimizer):
         return states
 
 
-WEIGHT_DECAY = "weight_decay"
-
-
 def weight_decay_takers(group: dict[str, Any]) -> list[dict[str, Any]]:
     """The group's specs that take a weight decay (each names it: `add_param_group`)."""
     return [
         spec
         for spec in (group["magnitude"], group["direction"])
-        if spec is not None and WEIGHT_DECAY in spec
+        if spec is not None and specs.WEIGHT_DECAY in spec
     ]
 
 
 def share_weight_decay(group: dict[str, Any]) -> None:
     """Set group["weight_decay"] to the one value M and D run (those that take one), as
     torch tools read it; absent where the two differ, or neither takes one."""
-    values = {spec[WEIGHT_DECAY] for spec in weight_decay_takers(group)}
+    values = {spec[specs.WEIGHT_DECAY] for spec in weight_decay_takers(group)}
     if len(values) == 1:
-        group[WEIGHT_DECAY] = values.pop()
+        group[specs.WEIGHT_DECAY] = values.pop()
     else:
-        group.pop(WEIGHT_DECAY, None)
+        group.pop(specs.WEIGHT_DECAY, None)
 
 
 def momentum_value(key: str, value: Any) -> Any:

@@ -160,6 +160,32 @@ def reject_unknown(given: Mapping[str, Any], allowed: set[str], name: str, where
 # they look for them: "betas" (β1 is its first entry) or "momentum".
 MOMENTUM_KEYS = ("betas", "momentum")
 
+# Param-group keys Graft itself reads; any other key goes to the optimizers that name it
+# as a keyword, else stays in the group as is (a tag such as "name", a scheduler's own).
+GROUP_KEYS = (
+    "params",
+    "param_names",
+    "lr",
+    "magnitude",
+    "direction",
+    "eps",
+    "granularity",
+    "maximize",
+    "inner_groups",  # the black-box path's inner optimizers' groups (black_box.INNER_GROUPS)
+)
+
+# The pair's weight decay, which a group holds where M and D run one value.
+WEIGHT_DECAY = "weight_decay"
+
+
+def group_tags(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A Graft param group's keys that are neither Graft's own (GROUP_KEYS, M's momentum,
+    the pair's weight decay) nor in a spec: tags such as "name", a scheduler's
+    "initial_lr", flags an optimizer reads from its groups (pytorch-optimizer's Muon's
+    "use_muon")."""
+    own = {*GROUP_KEYS, *MOMENTUM_KEYS, WEIGHT_DECAY}
+    return {key: value for key, value in group.items() if key not in own}
+
 
 def momentum_key(spec: Mapping[str, Any]) -> str | None:
     """Which of MOMENTUM_KEYS the spec's optimizer takes (None: neither)."""
