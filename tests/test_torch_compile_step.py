@@ -104,3 +104,21 @@ def test_inductor_takes_a_new_lr_without_compiling_again(magnitude, direction):
     model = make_model()
     eager = eager_training(model, make_graft(model, SPECS[magnitude], spec_d), steps)
     assert_trajectories_close(compiled, eager, torch.float32)
+
+
+def test_the_black_box_path_steps_eagerly_under_torch_compile():
+    """Any torch optimizer's pair (NAdam#SGD) under torch.compile(opt.step): the black-box
+    step runs outside the graph (it swaps the tensors its optimizers step), bit for bit as
+    eagerly, with no recompilation."""
+    runs = []
+    for compiled in (False, True):
+        model = make_model(torch.float32)
+        optimizer = Graft(model.parameters(), {"name": "torch.optim.NAdam"}, SPECS["sgd"])
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            optimizer.step = torch.compile(optimizer.step)
+        runs.append(train(model, optimizer, STEPS))
+    assert counters["stats"]["unique_graphs"] <= 1
+    for eager, compiled in zip(*runs, strict=True):
+        assert torch.equal(eager, compiled)

@@ -61,6 +61,10 @@ class BlackBoxStep:
     def matches(self, graft: GraftLike) -> bool:
         return graft is self.graft and len(graft.param_groups) == self.group_count
 
+    # torch.compile(Graft.step) steps this path eagerly: it swaps the tensors the inner
+    # optimizers step and converts their state, which would break and recompile the graph
+    # at every turn (14 graphs, 13 breaks for NAdam#SGD).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self) -> StepNorms:
         graft = self.graft
