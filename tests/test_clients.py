@@ -12,8 +12,9 @@ the grafting formula itself.
   Steps far below the weights' ulp are measured.
 - PyTorch Lightning: fit, checkpoint and resume bit for bit (weights_only, a class spec too),
   LearningRateMonitor on named groups, gradient clipping with accumulation, manual
-  optimization.
-- transformers' Trainer with Graft and a scheduler passed in `optimizers=`.
+  optimization, the learning-rate finder.
+- transformers' Trainer with Graft and a scheduler passed in `optimizers=`, and building
+  Graft itself (`optimizer_cls_and_kwargs`), checkpointed and resumed bit for bit.
 
 CPU, tiny models; Lightning and transformers are imported inside their tests (seconds each).
 """
@@ -678,12 +679,38 @@ def test_lightning_manual_optimization_steps_graft():
         torch.testing.assert_close(weight, wanted, rtol=1e-6, atol=1e-7)
 
 
-# transformers' Trainer, given Graft and a scheduler in `optimizers=`.
-
-
 @pytest.mark.slow
-def test_transformers_trainer_trains_with_graft(tmp_path):
-    from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
+def test_lightning_lr_finder_sweeps_grafts_lr_and_restores_it(tmp_path):
+    """Tuner.lr_find writes M's lr through the group, checkpoints and restores the module
+    and the Graft, and sets the module's lr to its suggestion, which fit's Graft then takes."""
+    from lightning.pytorch.tuner import Tuner
+
+    magnitude, direction = ADAM_SGD
+    module = lightning_module(
+        lambda module: Graft(module.parameters(), {**magnitude, "lr": module.lr}, direction)
+    )
+    module.lr = magnitude["lr"]
+    start = weights(module)
+    run = trainer(max_epochs=1, default_root_dir=str(tmp_path))
+    data = regression_data(batches=20)
+    found = Tuner(run).lr_find(module, train_dataloaders=data, num_training=20)
+    assert len(found.results["lr"]) == 20
+    lrs = found.results["lr"]
+    assert lrs == sorted(lrs) and lrs[0] < lrs[-1]  # it swept M's lr upwards
+    assert math.isfinite(found.suggestion())
+    for weight, before in zip(weights(module), start, strict=True):
+        assert torch.equal(weight, before)  # restored
+    assert module.lr == found.suggestion()
+    run = trainer(max_epochs=1)
+    run.fit(module, regression_data())
+    assert run.optimizers[0].param_groups[0]["lr"] == found.suggestion()
+
+
+# transformers' Trainer: given Graft and a scheduler in `optimizers=`, or Graft's class.
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
     config = BertConfig(
@@ -694,15 +721,26 @@ def test_transformers_trainer_trains_with_graft(tmp_path):
         intermediate_size=32,
         max_position_embeddings=16,
     )
-    model = BertForMaskedLM(config)
+    return BertForMaskedLM(config)
+
+
+def masked_examples(count: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     examples = []
-    for _ in range(12):
+    for _ in range(count):
         input_ids = torch.randint(5, 64, (8,), generator=generator)
         labels = torch.full_like(input_ids, -100)
         labels[:2] = input_ids[:2]  # two masked positions per sequence
         input_ids[:2] = 4
         examples.append({"input_ids": input_ids, "labels": labels})
+    return examples
+
+
+@pytest.mark.slow
+def test_transformers_trainer_trains_with_graft(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_bert()
     optimizer = Graft(model.parameters(), *ADAM_SGD)
     scheduler = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1, total_iters=3)
     before = weights(model)
@@ -718,7 +756,7 @@ def test_transformers_trainer_trains_with_graft(tmp_path):
         dataloader_num_workers=0,
     )
     trainer_ = Trainer(
-        model=model, args=args, train_dataset=examples, optimizers=(optimizer, scheduler)
+        model=model, args=args, train_dataset=masked_examples(12), optimizers=(optimizer, scheduler)
     )
     result = trainer_.train()
     assert result.global_step == 3
@@ -728,3 +766,59 @@ def test_transformers_trainer_trains_with_graft(tmp_path):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.1)
     assert any(not torch.equal(a, b) for a, b in zip(weights(model), before))
     assert optimizer.last_norms is not None
+
+
+@pytest.mark.slow
+def test_transformers_trainer_builds_graft_and_resumes_it_bit_for_bit(tmp_path):
+    """`optimizer_cls_and_kwargs=(Graft, ...)`: the Trainer's weight-decay groups (0.01, and
+    0 for biases and norms) reach M and D; a run stopped at step 3 and resumed from its
+    checkpoint (optimizer.pt, loaded weights_only) ends on the uninterrupted run's weights
+    bit for bit, with a torch optimizer as D on the black-box path."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class StopAtThree(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    pair = {"magnitude": {"name": "adamw", "lr": 1e-2}, "direction": {"name": "torch.optim.NAdam"}}
+
+    def run(folder, resume=None, stop=False):
+        args = TrainingArguments(
+            output_dir=str(folder),
+            max_steps=6,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            weight_decay=0.01,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="steps",
+            save_steps=3,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer_ = Trainer(
+            model=tiny_bert(),
+            args=args,
+            train_dataset=masked_examples(24),
+            optimizer_cls_and_kwargs=(Graft, pair),
+            callbacks=[StopAtThree()] if stop else None,
+        )
+        trainer_.train(resume_from_checkpoint=resume)
+        return trainer_
+
+    uninterrupted = run(tmp_path / "uninterrupted")
+    decays = [
+        (
+            group["weight_decay"],
+            group["magnitude"]["weight_decay"],
+            group["direction"]["weight_decay"],
+        )
+        for group in uninterrupted.optimizer.param_groups
+    ]
+    assert decays == [(0.01, 0.01, 0.01), (0.0, 0.0, 0.0)]
+    stopped = run(tmp_path / "stopped", stop=True)
+    assert stopped.state.global_step == 3
+    resumed = run(tmp_path / "stopped", resume=str(tmp_path / "stopped" / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+    for a, b in zip(weights(uninterrupted.model), weights(resumed.model), strict=True):
+        assert torch.equal(a, b)
