@@ -73,8 +73,8 @@ class Graft(torch.optim.Optimizer):
             takes and built-in rules only need as a reference for the eager path.
         black_box_fp64: the black-box path's grafted pairs step fp64 copies of the weights
             and gradients, so a step far below the weights' ulp is measured exactly. False:
-            copies in the weights' dtype, about half the time and a fifth of the transient
-            memory, but an element's step below half its weight's ulp is lost
+            copies in the weights' dtype, about a third of the time and a quarter of the
+            transient memory, but an element's step below half its weight's ulp is lost
             (docs/graft_api.md, "Precision of the black-box path").
         compile: the compiled path (graft/optim/compiled.py): the same results to fp32
             rounding, each tensor's step fused into two loops over memory, from the second
