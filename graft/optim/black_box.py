@@ -185,12 +185,11 @@ class InnerOptimizer:
             copy.grad = param.grad.detach().to(copy.dtype, copy=True)
             copies[param] = copy
         self.link(graft_state, role, copies)
-        widened = {
-            param: (set(slot), retyped(slot, param.dtype, copies[param].dtype))
-            for param in params
-            if copies[param].dtype != param.dtype
-            for slot in (graft_state[param][role],)
-        }
+        widened = {}  # per tensor: its state's keys before the step, and those widened
+        for param in params:
+            if copies[param].dtype != param.dtype:
+                slot = graft_state[param][role]
+                widened[param] = (set(slot), retyped(slot, param.dtype, copies[param].dtype))
         groups = self.optimizer.param_groups
         originals = [group["params"] for group in groups]
         for group in groups:
@@ -216,7 +215,7 @@ def retyped(
     """Cast, in place, the tensors of dtype `old` in `state` (under `keys`; in lists,
     tuples and dicts too) to `new`; returns the keys that held one."""
     changed = set()
-    for key in list(state) if keys is None else keys:
+    for key in list(state) if keys is None else keys & state.keys():
         value, found = cast(state[key], old, new)
         if found:
             state[key] = value
