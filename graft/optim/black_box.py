@@ -113,7 +113,8 @@ class BlackBoxStep:
             weight = shard.to(copy.dtype)
             shard.copy_(copy.sub_(weight).mul_(scale).add_(weight))  # w + s·u_D, rounded once
         self.save_inner_state()
-        reported = torch.promote_types(params[0].dtype, torch.float32) if params else None
+        # StepNorms' dtype: fp32, fp64 for fp64 weights
+        reported = torch.promote_types(params[0].dtype, torch.float32) if params else torch.float32
         return StepNorms(params, magnitude.to(reported), direction.to(reported))
 
     def save_inner_state(self) -> None:
