@@ -337,7 +337,7 @@ def state_dtypes(state):
 def test_a_zoo_optimizer_grafted_in_fp32_steps_as_measured_in_fp64(name, role):
     """fp32 weights: each optimizer steps fp64 copies, so the steps are those of the
     definition measured in fp64 (its states kept in fp64) to 1e-4 of the largest step, where
-    measuring in fp32 was off by up to 0.5 (SOAP as D) and by over 1e-4 for 14 of these 56
+    measuring in fp32 was off by up to 0.5 (SOAP as D) and by over 1e-4 for 16 of these 56
     cases. Between steps each state keeps the dtypes of the optimizer's own."""
     dtype = torch.float32
     actual, expected, start, optimizer = grafted_with_a_built_in_rule(
