@@ -724,6 +724,20 @@ def tiny_bert():
     return BertForMaskedLM(config)
 
 
+def training_arguments(folder, **settings):
+    """transformers' TrainingArguments for these tests: CPU, no reporting, batches of 4."""
+    from transformers import TrainingArguments
+
+    defaults = dict(
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return TrainingArguments(output_dir=str(folder), **defaults | settings)
+
+
 def masked_examples(count: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     examples = []
@@ -738,23 +752,13 @@ def masked_examples(count: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_transformers_trainer_trains_with_graft(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     model = tiny_bert()
     optimizer = Graft(model.parameters(), *ADAM_SGD)
     scheduler = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1, total_iters=3)
     before = weights(model)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    args = training_arguments(tmp_path, max_steps=3, save_strategy="no", logging_steps=1)
     trainer_ = Trainer(
         model=model, args=args, train_dataset=masked_examples(12), optimizers=(optimizer, scheduler)
     )
@@ -774,7 +778,7 @@ def test_transformers_trainer_builds_graft_and_resumes_it_bit_for_bit(tmp_path):
     0 for biases and norms) reach M and D; a run stopped at step 3 and resumed from its
     checkpoint (optimizer.pt, loaded weights_only) ends on the uninterrupted run's weights
     bit for bit, with a torch optimizer as D on the black-box path."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     class StopAtThree(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -783,18 +787,13 @@ def test_transformers_trainer_builds_graft_and_resumes_it_bit_for_bit(tmp_path):
     pair = {"magnitude": {"name": "adamw", "lr": 1e-2}, "direction": {"name": "torch.optim.NAdam"}}
 
     def run(folder, resume=None, stop=False):
-        args = TrainingArguments(
-            output_dir=str(folder),
+        args = training_arguments(
+            folder,
             max_steps=6,
-            per_device_train_batch_size=4,
             learning_rate=1e-2,
             weight_decay=0.01,
-            report_to=[],
-            use_cpu=True,
             save_strategy="steps",
             save_steps=3,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
         )
         trainer_ = Trainer(
             model=tiny_bert(),
