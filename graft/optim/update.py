@@ -60,14 +60,34 @@ def norms(tensors: list[Tensor]) -> Tensor:
 
 
 def _norm_list(tensors: list[Tensor]) -> list[Tensor]:
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    first = tensors[0]
+    if first.dtype == torch.float32 and first.device.type == "cpu":
+        return [_blocked_norm(tensor) for tensor in tensors]
+    dtype = torch.promote_types(first.dtype, torch.float32)
     return torch._foreach_norm(tensors, 2, dtype=dtype)
+
+
+# torch's fp32 norm on a CPU sums long runs of squares in fp32: a relative error of 1e-4
+# over 2.4M elements (ResNet-50's largest kernel). Norms of rows of this many elements, each
+# taken by one thread, combined in fp64, give 1e-7, with the same result for any number of
+# threads (as the native loops' block sums), at about a quarter more time for the norms.
+NORM_BLOCK = 4096
+
+
+def _blocked_norm(tensor: Tensor) -> Tensor:
+    """‖t‖₂ of an fp32 CPU tensor to fp32 rounding, in fp32, without a temporary."""
+    flat = tensor.reshape(-1)
+    whole = flat.numel() - flat.numel() % NORM_BLOCK
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_BLOCK), dim=1).double()
+    tail = torch.linalg.vector_norm(flat[whole:]).double()
+    return (rows.square().sum() + tail.square()).sqrt().to(torch.float32)
 
 
 def update_norms(update: Update) -> Tensor:
     """‖coeffs[i] * tensors[i]‖₂ per tensor, as one vector on the tensors' device.
 
-    Accumulated in fp32 for 16-bit tensors (fp64 stays fp64); nothing is synchronised.
+    Accumulated in fp32 for 16-bit tensors (fp64 stays fp64; fp32 on a CPU by rows,
+    `_blocked_norm`); nothing is synchronised.
     """
     norms = _norm_list(update.tensors)
     coeffs = update.coeffs
