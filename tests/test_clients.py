@@ -383,7 +383,7 @@ def test_a_zoo_optimizer_grafted_in_bf16_keeps_its_state_dtypes(name):
             assert state_dtypes(optimizer.state[grafted][role]) == state_dtypes(alone.state[own])
 
 
-# The black-box path steps fp64 copies (fp32 weights: fp64), so D's step is
+# The black-box path steps fp64 copies of fp32 weights, so D's step is
 # measured exactly where the weights' own dtype would lose it: below half a weight's ulp
 # (fp32: 2^-24 ≈ 6e-8 relative). docs/graft_api.md gives the figures.
 @pytest.mark.parametrize("direction_lr", [1e-2, 1e-5, 1e-8])

@@ -75,11 +75,12 @@ class BlackBoxStep:
             inner_group = self.magnitude.optimizer.param_groups[index]
             inner_group["lr"] = group["lr"]
             follow(inner_group, group["magnitude"], (self.momentum_key, specs.WEIGHT_DECAY))
-            inner_group.update(specs.group_tags(group))
+            tags = specs.group_tags(group)  # as the optimizer alone would find them
+            inner_group.update(tags)
             if grafting:
                 inner_group = self.direction.optimizer.param_groups[index]
                 follow(inner_group, group["direction"])
-                inner_group.update(specs.group_tags(group))
+                inner_group.update(tags)
             for param in group["params"]:
                 if param.grad is not None:
                     params.append(param)

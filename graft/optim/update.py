@@ -75,8 +75,11 @@ NORM_BLOCK = 4096
 
 
 def _blocked_norm(tensor: Tensor) -> Tensor:
-    """‖t‖₂ of an fp32 CPU tensor to fp32 rounding, in fp32, without a temporary."""
+    """‖t‖₂ of an fp32 CPU tensor to fp32 rounding, in fp32 (no temporary but the flat copy
+    that reshape makes of a non-contiguous tensor)."""
     flat = tensor.reshape(-1)
+    if flat.numel() <= NORM_BLOCK:  # one row: most biases and norm scales
+        return torch.linalg.vector_norm(flat)
     whole = flat.numel() - flat.numel() % NORM_BLOCK
     rows = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_BLOCK), dim=1).double()
     tail = torch.linalg.vector_norm(flat[whole:]).double()
